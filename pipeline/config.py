@@ -1,0 +1,279 @@
+"""Typed job configuration: one dataclass per component, YAML files plus dotted overrides.
+
+A job file is a YAML mapping of sections (``model``, ``data``, ``method``, ``precision``,
+``train``, ``parallel``) to keys. ``key=value`` overrides (``method.lr=1e-6``) are parsed as YAML
+scalars and applied on top. :func:`load_config` validates everything and raises one
+:class:`ConfigError` that lists every problem with its fix, never just the first one.
+
+Field metadata carries what validation needs: ``choices`` (a list, or a zero-argument callable
+returning one for registries), ``min`` / ``min_exclusive`` bounds, and ``help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEMO_MODEL = "smollm2-135m"
+
+
+def _opt(default: Any, help: str, **meta: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def _methods() -> list[str]:
+    from pipeline.zo.methods import METHODS
+
+    return sorted(METHODS)
+
+
+def _tasks() -> list[str]:
+    from pipeline.data.tasks import TASKS
+
+    return sorted(TASKS)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _opt(
+        DEMO_MODEL,
+        f"Hugging Face model id or local directory; '{DEMO_MODEL}' is the packaged demo model",
+    )
+    dtype: str = _opt("fp32", "storage dtype of the weights", choices=["fp32", "bf16", "fp16"])
+    trainable: list[str] = _opt(
+        ["*"], "fnmatch patterns of parameter names to train (e.g. '*.self_attn.q_proj.weight')"
+    )
+    device: str = _opt("auto", "where the model runs", choices=["auto", "cpu", "cuda"])
+
+
+@dataclass
+class DataConfig:
+    task: str = _opt("rotten_tomatoes", "task name from the task registry", choices=_tasks)
+    n_train: int = _opt(1000, "training examples sampled (MeZO protocol: 1000)", min=1)
+    n_val: int = _opt(500, "validation examples (MeZO protocol: 500)", min=1)
+    n_test: int = _opt(1000, "test examples (MeZO protocol: 1000)", min=1)
+    split_seed: int = _opt(0, "seed of the train/validation/test sampling", min=0)
+    max_length: int = _opt(256, "prompt tokens kept (longer prompts are cut from the left)", min=8)
+    data_dir: str | None = _opt(
+        None, "directory with train/validation/test .jsonl/.json/.csv files instead of the hub"
+    )
+
+
+@dataclass
+class MethodConfig:
+    name: str = _opt("mezo", "ZO method", choices=_methods)
+    lr: float = _opt(1e-6, "learning rate η (constant)", min=0.0)
+    eps: float = _opt(1e-3, "perturbation scale ε", min_exclusive=0.0)
+    weight_decay: float = _opt(0.0, "λ, skipped for biases and norms", min=0.0)
+    n_directions: int = _opt(1, "directions averaged per step", min=1)
+    two_sided: bool = _opt(True, "two-sided (L+ - L-)/2ε, or one-sided (L+ - L0)/ε")
+
+
+@dataclass
+class PrecisionConfig:
+    master_weights: str = _opt(
+        "auto",
+        "fp32 keeps an fp32 master of the trainable weights (bitwise restore); none perturbs in "
+        "place; auto = fp32 for 16-bit storage, none for fp32 storage",
+        choices=["auto", "fp32", "none"],
+    )
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _opt(1000, "ZO steps", min=0)
+    batch_size: int = _opt(16, "examples per step (global)", min=1)
+    seed: int = _opt(0, "run seed: data order and every direction derive from it", min=0)
+    eval_every: int = _opt(0, "evaluate on eval_split every N steps (0 = only before/after)", min=0)
+    eval_split: str = _opt("validation", "split of the periodic evaluations",
+                           choices=["validation", "test"])
+    final_split: str = _opt("test", "held-out split of the zero-shot and final accuracy",
+                            choices=["validation", "test"])
+    eval_zero_shot: bool = _opt(True, "evaluate before the first step")
+    eval_batch_size: int = _opt(32, "examples per evaluation forward", min=1)
+    threads: int = _opt(0, "torch CPU threads (0 = torch's default)", min=0)
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = _opt("single", "execution backend", choices=["single"])
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.key": value}``, e.g. for tracking params."""
+        return {f"{s}.{k}": v for s, keys in self.to_dict().items() for k, v in keys.items()}
+
+
+class ConfigError(ValueError):
+    """Every problem found in a configuration, one line each."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def _sections() -> dict[str, type]:
+    return typing.get_type_hints(JobConfig)
+
+
+def _check_type(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits ``hint``; ints are accepted for floats (and converted)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return True, None
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _check_type(value, inner[0])
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(_check_type(v, item)[0] for v in value):
+            return False, value
+        return True, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if hint is str:
+        return isinstance(value, str), value
+    raise TypeError(f"unsupported config type {hint}")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+
+
+def _validate_value(key: str, value: Any, meta: dict[str, Any], errors: list[str]) -> None:
+    choices: Iterable[Any] | Callable[[], Iterable[Any]] | None = meta.get("choices")
+    if choices is not None:
+        allowed = list(choices() if callable(choices) else choices)
+        if value not in allowed:
+            errors.append(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
+    if "min" in meta and value < meta["min"]:
+        errors.append(f"{key}: {value!r} is too small; it must be >= {meta['min']}")
+    if "min_exclusive" in meta and value <= meta["min_exclusive"]:
+        errors.append(f"{key}: {value!r} is too small; it must be > {meta['min_exclusive']}")
+
+
+def build(raw: dict[str, Any]) -> JobConfig:
+    """Build and validate a :class:`JobConfig` from a nested mapping."""
+    errors: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the config must be a mapping of sections, got {type(raw).__name__}"])
+    sections = _sections()
+    for name in raw:
+        if name not in sections:
+            errors.append(f"{name}: unknown section; sections are {', '.join(sections)}")
+    built: dict[str, Any] = {}
+    for name, cls in sections.items():
+        given = raw.get(name) or {}
+        if not isinstance(given, dict):
+            errors.append(f"{name}: must be a mapping of keys, got {given!r}")
+            given = {}
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in given:
+            if key not in fields:
+                errors.append(
+                    f"{name}.{key}: unknown key; {name} keys are {', '.join(fields)}"
+                )
+        values: dict[str, Any] = {}
+        for key, f in fields.items():
+            if key not in given:
+                continue
+            ok, value = _check_type(given[key], hints[key])
+            if not ok:
+                errors.append(
+                    f"{name}.{key}: expected {_type_name(hints[key])}, got {given[key]!r}"
+                )
+                continue
+            if value is not None:
+                _validate_value(f"{name}.{key}", value, dict(f.metadata), errors)
+            values[key] = value
+        built[name] = cls(**values)
+    if errors:
+        raise ConfigError(errors)
+    return JobConfig(**built)
+
+
+def parse_overrides(overrides: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
+    """``["a.b=1", ...]`` -> nested dict, plus the errors of malformed items."""
+    nested: dict[str, Any] = {}
+    errors: list[str] = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            errors.append(f"{item!r}: overrides are section.key=value, e.g. method.lr=1e-6")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return nested, errors
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, keys in extra.items():
+        if isinstance(out.get(section), dict) and isinstance(keys, dict):
+            out[section].update(keys)
+        else:
+            out[section] = keys
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such config file"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML ({exc})"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: must hold a mapping of sections"])
+    return data
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> JobConfig:
+    """Read a job file (or the defaults when ``path`` is None), apply overrides, validate."""
+    raw = read_yaml(path) if path is not None else {}
+    extra, errors = parse_overrides(overrides)
+    try:
+        cfg = build(merge(raw, extra))
+    except ConfigError as exc:
+        raise ConfigError(errors + exc.errors) from None
+    if errors:
+        raise ConfigError(errors)
+    return cfg

@@ -1,0 +1,1 @@
+"""Tasks, prompt templates, verbalizers and dataset loading."""

@@ -1,0 +1,1 @@
+"""Model loading, precision and parameter selection."""

@@ -1,0 +1,51 @@
+"""The training loss and the candidate scores, both in fp32 whatever the weights' dtype.
+
+Plain functions of (model, batch): backends call them under ``torch.no_grad()``; tests call them
+with autograd on to get the true gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.data.encoding import ChoiceBatch, SequenceBatch
+
+
+def _logits(model, batch, keep: int) -> torch.Tensor:
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    return out.logits.float()
+
+
+def _candidate_logprobs(model, batch: SequenceBatch) -> torch.Tensor:
+    """(R,) average log-likelihood per candidate token of each row."""
+    k = batch.target_ids.shape[1]
+    logp = F.log_softmax(_logits(model, batch, k + 1)[:, :-1], dim=-1)
+    tok = logp.gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1)
+    return (tok * batch.target_mask).sum(1) / batch.target_mask.sum(1)
+
+
+def batch_loss(model, batch: ChoiceBatch | SequenceBatch) -> torch.Tensor:
+    """Mean loss of the batch, an fp32 scalar tensor."""
+    if isinstance(batch, ChoiceBatch):
+        last = _logits(model, batch, 1)[:, -1]
+        return F.cross_entropy(last.gather(1, batch.candidate_ids), batch.labels)
+    return -_candidate_logprobs(model, batch).mean()
+
+
+def candidate_scores(model, batch: ChoiceBatch | SequenceBatch) -> torch.Tensor:
+    """(B, C) average per-token log-likelihood of every candidate (-inf where none)."""
+    if isinstance(batch, ChoiceBatch):
+        logp = F.log_softmax(_logits(model, batch, 1)[:, -1], dim=-1)
+        return logp.gather(1, batch.candidate_ids)
+    scores = torch.full(
+        (batch.labels.shape[0], batch.num_candidates), float("-inf"), device=batch.labels.device
+    )
+    scores[batch.example, batch.candidate] = _candidate_logprobs(model, batch)
+    return scores

@@ -1,0 +1,13 @@
+"""ZO methods, one file each, behind one interface (:mod:`pipeline.zo.methods.base`)."""
+
+from pipeline.zo.methods.base import StepContext, StepStats, ZOMethod
+from pipeline.zo.methods.mezo import MeZO
+
+METHODS: dict[str, type[ZOMethod]] = {"mezo": MeZO}
+
+__all__ = ["METHODS", "StepContext", "StepStats", "ZOMethod", "build_method"]
+
+
+def build_method(cfg, shards) -> ZOMethod:
+    """The configured method over this rank's shards."""
+    return METHODS[cfg.method.name](cfg.method, shards)
