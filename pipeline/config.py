@@ -12,6 +12,7 @@ returning one for registries), ``min`` / ``min_exclusive`` bounds, and ``help``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -141,7 +142,7 @@ def _sections() -> dict[str, type]:
 
 
 def _check_type(value: Any, hint: Any) -> tuple[bool, Any]:
-    """Whether ``value`` fits ``hint``; ints are accepted for floats (and converted)."""
+    """Whether ``value`` fits ``hint``; ints and numeric strings are accepted for floats."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
@@ -162,7 +163,11 @@ def _check_type(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
-        return False, value
+        try:  # PyYAML reads 1e-5 (no dot) as a string
+            number = float(value)
+        except (TypeError, ValueError):
+            return False, value
+        return math.isfinite(number), number
     if hint is str:
         return isinstance(value, str), value
     raise TypeError(f"unsupported config type {hint}")

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from pipeline.data.encoding import Encoded, choice_batch, sequence_batch
+from pipeline.data.sampling import batch_indices
+from pipeline.data.tasks import TASKS, get_task
+
+
+def test_rotten_tomatoes_template():
+    ex = get_task("rotten_tomatoes").example({"text": "A delight.", "label": 1})
+    assert ex.prompt == "Review: A delight.\nSentiment:"
+    assert ex.candidates == (" negative", " positive") and ex.label == 1
+
+
+def test_mezo_protocol_templates():
+    sst2 = TASKS["sst2"].example({"sentence": "a gem ", "label": 0})
+    assert (sst2.prompt, sst2.candidates, sst2.label) == ("a gem It was", (" terrible", " great"), 0)
+    rte = TASKS["rte"].example({"premise": "P.", "hypothesis": "H.", "label": 1})
+    assert rte.prompt == 'P.\nDoes this mean that "H." is true? Yes or No?\n'
+    assert rte.candidates[rte.label] == "No"
+    boolq = TASKS["boolq"].example({"passage": "P.", "question": "is it", "label": 1})
+    assert boolq.prompt == "P. is it?\n" and boolq.candidates[boolq.label] == "Yes"
+    cb = TASKS["cb"].example({"premise": "P.", "hypothesis": "H.", "label": 2})
+    assert cb.candidates[cb.label] == "Maybe"
+    copa = TASKS["copa"].example(
+        {"premise": "The man fell.", "choice1": "He slipped.", "choice2": "He ran.",
+         "question": "cause", "label": 0}
+    )
+    assert copa.prompt == "The man fell because "
+    assert copa.candidates == ("he slipped.", "he ran.")
+    wsc = TASKS["wsc"].example({"text": "T", "span1_text": "Bob", "span2_text": "he", "label": 1})
+    assert wsc.prompt.endswith('does the pronoun "he" refer to Bob? Yes or No?\n')
+
+
+def test_unknown_task_names_the_choices():
+    with pytest.raises(KeyError, match="rotten_tomatoes"):
+        get_task("nope")
+
+
+def test_batch_order_is_a_pure_function_covering_each_epoch_once():
+    n, bs = 10, 4
+    stream = [i for step in range(5) for i in batch_indices(n, bs, 3, step)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert batch_indices(n, bs, 3, 2) == stream[8:12]
+    assert batch_indices(n, bs, 4, 0) != batch_indices(n, bs, 3, 0)
+
+
+def test_left_padding_and_candidate_alignment():
+    items = [Encoded((1, 2, 3), ((7,), (8,)), 1), Encoded((4,), ((7,), (8,)), 0)]
+    b = choice_batch(items, pad_id=0)
+    assert b.input_ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert b.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert b.candidate_ids.tolist() == [[7, 8], [7, 8]] and b.labels.tolist() == [1, 0]
+    seq = sequence_batch(
+        [Encoded((1, 2), ((5, 6), (7,)), 0)], pad_id=0, all_candidates=True
+    )
+    assert seq.input_ids.tolist() == [[1, 2, 5, 6], [0, 1, 2, 7]]
+    assert seq.target_ids.tolist() == [[5, 6], [0, 7]]
+    assert torch.equal(seq.target_mask, torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+
+
+def test_padded_batches_score_like_single_examples(tiny_model, tiny_batch):
+    from pipeline.models.objective import candidate_scores
+
+    with torch.no_grad():
+        together = candidate_scores(tiny_model, tiny_batch)
+        for i in range(tiny_batch.labels.shape[0]):
+            keep = tiny_batch.attention_mask[i].bool()
+            ids = tiny_batch.input_ids[i, keep].unsqueeze(0)
+            out = tiny_model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+            torch.testing.assert_close(together[i], out[tiny_batch.candidate_ids[i]],
+                                       rtol=1e-4, atol=1e-5)
