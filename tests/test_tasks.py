@@ -14,7 +14,8 @@ def test_rotten_tomatoes_template():
 
 def test_mezo_protocol_templates():
     sst2 = TASKS["sst2"].example({"sentence": "a gem ", "label": 0})
-    assert (sst2.prompt, sst2.candidates, sst2.label) == ("a gem It was", (" terrible", " great"), 0)
+    assert (sst2.prompt, sst2.label) == ("a gem It was", 0)
+    assert sst2.candidates == (" terrible", " great")
     rte = TASKS["rte"].example({"premise": "P.", "hypothesis": "H.", "label": 1})
     assert rte.prompt == 'P.\nDoes this mean that "H." is true? Yes or No?\n'
     assert rte.candidates[rte.label] == "No"
