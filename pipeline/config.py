@@ -1,8 +1,8 @@
 """Typed job configuration: one dataclass per component, YAML files plus dotted overrides.
 
 A job file is a YAML mapping of sections (``model``, ``data``, ``method``, ``precision``,
-``train``, ``parallel``) to keys. ``key=value`` overrides (``method.lr=1e-6``) are parsed as YAML
-scalars and applied on top. :func:`load_config` validates everything and raises one
+``train``, ``parallel``, ``tracking``) to keys. ``key=value`` overrides (``method.lr=1e-6``) are
+parsed as YAML scalars and applied on top. :func:`load_config` validates everything and raises one
 :class:`ConfigError` that lists every problem with its fix, never just the first one.
 
 Field metadata carries what validation needs: ``choices`` (a list, or a zero-argument callable
@@ -110,6 +110,18 @@ class ParallelConfig:
 
 
 @dataclass
+class TrackingConfig:
+    enabled: bool = _opt(True, "log the run to MLflow (global rank 0 only)")
+    uri: str | None = _opt(
+        None,
+        "MLflow tracking URI; default sqlite:///<runs root>/mlflow.db, an http:// server on a "
+        "cluster",
+    )
+    experiment: str = _opt("zo-pipeline", "MLflow experiment name")
+    system_metrics: bool = _opt(True, "log CPU/GPU/memory system metrics")
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -117,6 +129,7 @@ class JobConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

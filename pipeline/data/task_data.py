@@ -25,8 +25,12 @@ class TaskData:
         return sequence_batch(items, self.pad_id, all_candidates=False)
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[object, int]]:
-        """``(batch, n_examples)`` over a split, in order, for candidate scoring."""
-        items = self.splits[split]
+        """``(batch, n_examples)`` over a split, for candidate scoring.
+
+        Examples go by prompt length so that batches carry little padding; accuracy does not
+        depend on the order.
+        """
+        items = sorted(self.splits[split], key=lambda e: len(e.prompt))
         for i in range(0, len(items), batch_size):
             chunk = items[i : i + batch_size]
             if self.choice:

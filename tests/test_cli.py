@@ -1,0 +1,76 @@
+"""``zopipe`` end to end through click's runner, on the real packaged model and data."""
+
+import json
+import math
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.metrics import read_jsonl
+
+SMALL = ["data.n_train=32", "data.n_val=16", "data.n_test=24", "train.batch_size=4",
+         "train.eval_batch_size=12"]
+
+
+def test_validate_names_every_problem_without_traceback():
+    result = CliRunner().invoke(main, ["validate", "jobs/demo.yaml", "method.name=nope",
+                                       "train.steps=-1"])
+    assert result.exit_code == 2
+    assert "method.name: 'nope' is not allowed" in result.output
+    assert "train.steps: -1 is too small" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_validate_and_print_config_of_the_demo():
+    runner = CliRunner()
+    ok = runner.invoke(main, ["validate", "jobs/demo.yaml"])
+    assert ok.exit_code == 0 and "OK" in ok.output
+    printed = runner.invoke(main, ["print-config", "jobs/demo.yaml", "method.lr=2e-6"])
+    resolved = yaml.safe_load(printed.output)
+    assert resolved["method"]["lr"] == 2e-6 and resolved["data"]["task"] == "rotten_tomatoes"
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(
+        main, ["train", "jobs/demo.yaml", f"data.data_dir={tmp_path / 'nope'}",
+               "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    )
+    assert result.exit_code == 1
+    assert "no such directory" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_train_then_eval_on_the_real_model(tmp_path):
+    runner = CliRunner()
+    run_dir = tmp_path / "run"
+    result = runner.invoke(
+        main, ["train", "jobs/demo.yaml", "train.steps=2", *SMALL, "--run-dir", str(run_dir),
+               "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "zero-shot accuracy:" in result.output and "final accuracy:" in result.output
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["forwards"] == 4
+    assert summary["zero_shot"]["n"] == 24 and summary["final"]["n"] == 24
+    assert 0.0 <= summary["final"]["accuracy"] <= 1.0
+
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "accuracy" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["forwards"] == 2 for r in steps)
+    assert all(math.isfinite(r["projected_grad"][0]) and r["lr"] == 1e-5 for r in steps)
+    assert [(r["step"], r["split"]) for r in evals] == [(0, "test"), (2, "test")]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["steps"] == 2
+
+    # The same model and data evaluated by `zopipe eval` give the run's zero-shot accuracy.
+    ev = runner.invoke(main, ["eval", "jobs/demo.yaml", *SMALL, "--json"])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.output.strip().splitlines()[-1])["accuracy"] == summary["zero_shot"][
+        "accuracy"]
+
+    again = runner.invoke(main, ["train", "jobs/demo.yaml", "--run-dir", str(run_dir)])
+    assert again.exit_code == 1 and "already holds a run" in again.output
