@@ -20,11 +20,13 @@ EXIT_CONFIG = 2
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from pipeline.assets import AssetError
+    from pipeline.checkpoint import CheckpointError
     from pipeline.data.loading import DataError
     from pipeline.models.loading import ModelError
-    from pipeline.train import RunDirError
+    from pipeline.run_dir import RunDirError
+    from pipeline.trainer import NonFiniteError
 
-    return (AssetError, DataError, ModelError, RunDirError)
+    return (AssetError, DataError, ModelError, RunDirError, CheckpointError, NonFiniteError)
 
 
 def _config(config: str, overrides: tuple[str, ...]):
@@ -61,12 +63,33 @@ def main() -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in batch logs).")
 def train(config, overrides, run_dir, no_progress):
     """Fine-tune with a ZO method: CONFIG [section.key=value ...]."""
-    from pipeline.train import default_run_dir, run
+    from pipeline.train import default_run_dir
 
     cfg = _config(config, overrides)
-    run_dir = run_dir or default_run_dir(cfg)
-    summary = _guarded(run, cfg, run_dir, progress=not no_progress)
+    _train(cfg, run_dir or default_run_dir(cfg), not no_progress)
+
+
+def _train(cfg, run_dir: Path, progress: bool) -> None:
+    from pipeline.train import run
+    from pipeline.trainer import Stopped
+
+    try:
+        summary = _guarded(run, cfg, run_dir, progress=progress)
+    except Stopped as stop:
+        click.echo(f"stopped at step {stop.step} after a checkpoint; continue with: "
+                   f"zopipe resume {run_dir}", err=True)
+        sys.exit(stop.exit_code)
     click.echo(_summary_text(summary, run_dir))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@overrides_arg
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in batch logs).")
+def resume(run_dir, overrides, no_progress):
+    """Continue RUN_DIR from its latest complete checkpoint (same config unless overridden)."""
+    cfg = _config(str(run_dir / "config.yaml"), overrides)
+    _train(cfg, run_dir, not no_progress)
 
 
 def _summary_text(summary: dict, run_dir: Path) -> str:
@@ -119,6 +142,31 @@ def validate(config, overrides):
 def print_config(config, overrides):
     """Print the resolved config (defaults, file and overrides) as YAML."""
     click.echo(_config(config, overrides).to_yaml(), nl=False)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the Hugging Face model (safetensors + tokenizer).")
+def export(run_dir, out):
+    """Write RUN_DIR's fine-tuned model as a Hugging Face model directory."""
+    from pipeline.export import export_run
+
+    step = _guarded(export_run, run_dir, out)
+    click.echo(f"exported step {step} of {run_dir} to {out}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the rebuilt Hugging Face model.")
+@click.option("--no-progress", is_flag=True)
+def replay(run_dir, out, no_progress):
+    """Rebuild RUN_DIR's weights from the base model and update_log.jsonl (no forward pass)."""
+    from pipeline.replay import replay_run
+
+    _guarded(replay_run, run_dir, out, progress=not no_progress)
+    click.echo(f"replayed {run_dir} into {out}")
 
 
 @main.command()

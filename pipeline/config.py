@@ -1,9 +1,9 @@
 """Typed job configuration: one dataclass per component, YAML files plus dotted overrides.
 
 A job file is a YAML mapping of sections (``model``, ``data``, ``method``, ``precision``,
-``train``, ``parallel``, ``tracking``) to keys. ``key=value`` overrides (``method.lr=1e-6``) are
-parsed as YAML scalars and applied on top. :func:`load_config` validates everything and raises one
-:class:`ConfigError` that lists every problem with its fix, never just the first one.
+``train``, ``parallel``, ``checkpoint``, ``tracking``) to keys. ``key=value`` overrides
+(``method.lr=1e-6``) are parsed as YAML scalars and applied on top. :func:`load_config` validates
+everything and raises one :class:`ConfigError` that lists every problem with its fix.
 
 Field metadata carries what validation needs: ``choices`` (a list, or a zero-argument callable
 returning one for registries), ``min`` / ``min_exclusive`` bounds, and ``help``.
@@ -102,6 +102,16 @@ class TrainConfig:
     eval_zero_shot: bool = _opt(True, "evaluate before the first step")
     eval_batch_size: int = _opt(32, "examples per evaluation forward", min=1)
     threads: int = _opt(0, "torch CPU threads (0 = torch's default)", min=0)
+    max_nonfinite_steps: int = _opt(
+        10, "stop with an error after this many non-finite losses in a row", min=1
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _opt(100, "save a checkpoint every N steps (0: only at the end and on stop)",
+                      min=0)
+    keep_last: int = _opt(2, "complete checkpoints kept (0: all)", min=0)
 
 
 @dataclass
@@ -129,6 +139,7 @@ class JobConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -1,23 +1,25 @@
-"""Entry point: config -> backend, method, data -> Trainer.train()."""
+"""Entry point: config -> run directory -> backend, method, data -> Trainer.train()."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from pipeline import checkpoint
 from pipeline.config import JobConfig
 from pipeline.data.task_data import prepare
 from pipeline.models.loading import load_model, load_tokenizer, resolve_device
 from pipeline.models.selection import select_trainable
 from pipeline.parallel import build_backend
-from pipeline.trainer import Trainer
+from pipeline.run_dir import open_run
+from pipeline.stopping import StopRequest
+from pipeline.tracking import Tracker
+from pipeline.trainer import Stopped, Trainer, TrainerState
 from pipeline.zo.methods import build_method
-
-
-class RunDirError(ValueError):
-    """The run directory cannot take this run."""
 
 
 def default_run_dir(cfg: JobConfig, root: Path = Path("runs")) -> Path:
@@ -25,30 +27,58 @@ def default_run_dir(cfg: JobConfig, root: Path = Path("runs")) -> Path:
     return root / f"{stamp}-{cfg.method.name}-{cfg.data.task}"
 
 
-def prepare_run_dir(run_dir: Path, cfg: JobConfig) -> None:
-    if (run_dir / "metrics.jsonl").exists():
-        raise RunDirError(
-            f"{run_dir} already holds a run (metrics.jsonl); pass a new --run-dir"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-
-
-def build(cfg: JobConfig):
-    """Model, backend, method and data of a run, before any step."""
+def build_model(cfg: JobConfig):
+    """Backend and method over the configured model, before any step."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.model.device)
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
     model = load_model(cfg.model, device)
     trainable = select_trainable(model, cfg.model.trainable)
     backend = build_backend(cfg, model, trainable, device)
-    method = build_method(cfg, backend.shards())
-    data = prepare(cfg.data, tokenizer)
+    return backend, build_method(cfg, backend.shards())
+
+
+def build(cfg: JobConfig):
+    """Model, backend, method and data of a run."""
+    backend, method = build_model(cfg)
+    data = prepare(cfg.data, load_tokenizer(cfg.model.name_or_path))
     return backend, method, data
 
 
+def _finished(run_dir: Path, cfg: JobConfig, ckpt: Path | None) -> dict | None:
+    summary = run_dir / "summary.json"
+    if ckpt is None or not summary.exists():
+        return None
+    done = json.loads(summary.read_text())
+    return done if done.get("steps", -1) >= cfg.train.steps else None
+
+
 def run(cfg: JobConfig, run_dir: Path, *, progress: bool = True) -> dict:
-    prepare_run_dir(run_dir, cfg)
+    """Train (or resume, or report a finished run) in ``run_dir``.
+
+    Raises :class:`Stopped` when a stop request was honoured (the run is resumable).
+    """
+    ckpt, changes = open_run(run_dir, cfg)
+    done = _finished(run_dir, cfg, ckpt)
+    if done is not None:
+        tqdm.write(f"{run_dir} already finished {done['steps']} steps; nothing to do")
+        return done
     backend, method, data = build(cfg)
-    return Trainer(cfg, run_dir, backend, method, data, progress=progress).train()
+    state = TrainerState()
+    if ckpt is not None:
+        state = TrainerState(**checkpoint.load(ckpt, backend.shards(), method, rank=backend.rank))
+        tqdm.write(f"resuming {run_dir} from {ckpt.name}")
+        for change in changes:
+            tqdm.write(f"  config change allowed on resume: {change}")
+    with StopRequest(run_dir) as stop, Tracker.start(
+        cfg, run_dir, rank=backend.rank, resume=ckpt is not None
+    ) as tracker:
+        trainer = Trainer(cfg, run_dir, backend, method, data, tracker=tracker, stop=stop,
+                          state=state, progress=progress)
+        try:
+            return trainer.train()
+        except Stopped:
+            tracker.finish("KILLED")
+            raise
+        finally:
+            trainer.close()

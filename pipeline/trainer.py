@@ -1,84 +1,164 @@
-"""The training loop: ZO steps, evaluations, and the run directory's files."""
+"""The training loop: ZO steps, evaluations, checkpoints, stop requests and the run's files.
+
+Everything a step's update depends on is a function of (run seed, step) plus the weights and the
+method state, so resuming from ``step-N`` replays steps N+1.. bitwise as an uninterrupted run
+would. Each step appends to ``metrics.jsonl`` and ``update_log.jsonl``; a resumed run first drops
+the records after its checkpoint (see :mod:`pipeline.run_dir`).
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline import checkpoint
 from pipeline.evaluation import Accuracy, evaluate
 from pipeline.metrics import MetricsLog, write_json
 from pipeline.zo.methods import StepContext
 
 
+class NonFiniteError(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+class Stopped(Exception):
+    """A stop request was honoured at a step boundary, after a checkpoint."""
+
+    def __init__(self, step: int, exit_code: int):
+        super().__init__(f"stopped at step {step}")
+        self.step = step
+        self.exit_code = exit_code
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    forwards: int = 0
+    skipped: int = 0
+    nonfinite_streak: int = 0
+    train_seconds: float = 0.0
+    zero_shot: dict | None = None
+
+
 class Trainer:
-    def __init__(self, cfg, run_dir: Path, backend, method, data, *, progress: bool = True):
+    def __init__(self, cfg, run_dir: Path, backend, method, data, *, tracker, stop,
+                 state: TrainerState | None = None, progress: bool = True):
         self.cfg = cfg
         self.run_dir = run_dir
         self.backend = backend
         self.method = method
         self.data = data
-        self.progress = progress and backend.rank == 0
-        self.log = MetricsLog(run_dir / "metrics.jsonl")
+        self.tracker = tracker
+        self.stop = stop
+        self.state = state or TrainerState()
+        self.writer = backend.rank == 0
+        self.progress = progress and self.writer
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl") if self.writer else None
+        self.updates = MetricsLog(run_dir / "update_log.jsonl") if self.writer else None
+
+    def _write(self, log: MetricsLog | None, record: dict) -> None:
+        if log is not None:
+            log.write(record)
 
     def _evaluate(self, step: int, split: str) -> Accuracy:
         t = self.cfg.train
         acc = evaluate(self.backend, self.data, split, t.eval_batch_size, progress=self.progress)
-        self.log.write({"step": step, **acc.as_dict()})
+        record = {"step": step, **acc.as_dict()}
+        self._write(self.metrics, record)
+        self.tracker.log_eval(record)
         return acc
 
-    def train(self) -> dict:
+    def _checkpoint(self) -> None:
+        c = self.cfg.checkpoint
+        checkpoint.save(self.run_dir, self.state.step, self.backend.shards(), self.method,
+                        asdict(self.state), self.cfg.to_yaml(), keep_last=c.keep_last,
+                        rank=self.backend.rank)
+
+    def _step(self, step: int) -> float:
+        """One ZO step and its records; ``step`` counts from 0, records from 1."""
         t = self.cfg.train
+        tic = time.perf_counter()
+        batch = self.data.train_batch(step, t.batch_size, t.seed)
+        ctx = StepContext(step, t.seed, self.cfg.method.lr, batch, self.backend)
+        stats = self.method.step(ctx)
+        seconds = time.perf_counter() - tic
+        s = self.state
+        s.step, s.forwards, s.train_seconds = step + 1, s.forwards + stats.forwards, (
+            s.train_seconds + seconds)
+        s.skipped += stats.skipped
+        s.nonfinite_streak = s.nonfinite_streak + 1 if stats.skipped else 0
+        record = {"step": step + 1, "loss": stats.loss, "projected_grad": stats.projected_grad,
+                  "lr": ctx.lr, "forwards": stats.forwards, "seconds": seconds}
+        if stats.skipped:
+            record["skipped"] = True
+        self._write(self.metrics, record)
+        self._write(self.updates, {"step": step + 1, "seeds": stats.seeds,
+                                   "projected_grad": stats.projected_grad, "lr": ctx.lr,
+                                   "skipped": stats.skipped})
+        self.tracker.log_step(record)
+        if stats.skipped:
+            tqdm.write(f"step {step + 1}: non-finite loss, update skipped "
+                       f"({s.nonfinite_streak} in a row, {s.skipped} in all)")
+        if s.nonfinite_streak >= t.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{s.nonfinite_streak} non-finite losses in a row up to step {step + 1}: the "
+                "weights are unchanged by those steps. Lower method.lr or method.eps, or use "
+                "model.dtype=fp32 / precision.master_weights=fp32, then resume"
+            )
+        return stats.loss
+
+    def train(self) -> dict:
+        t, s = self.cfg.train, self.state
         started = time.perf_counter()
-        zero_shot = self._evaluate(0, t.final_split) if t.eval_zero_shot else None
-        if zero_shot is not None:
-            tqdm.write(f"zero-shot accuracy: {zero_shot}")
+        if s.step == 0 and t.eval_zero_shot and s.zero_shot is None:
+            acc = self._evaluate(0, t.final_split)
+            s.zero_shot = acc.as_dict()
+            tqdm.write(f"zero-shot accuracy: {acc}")
 
-        forwards = skipped = 0
-        train_start = time.perf_counter()
-        bar = tqdm(total=t.steps, desc="train", unit="step", disable=not self.progress)
-        for step in range(t.steps):
-            tic = time.perf_counter()
-            batch = self.data.train_batch(step, t.batch_size, t.seed)
-            ctx = StepContext(step, t.seed, self.cfg.method.lr, batch, self.backend)
-            stats = self.method.step(ctx)
-            seconds = time.perf_counter() - tic
-            forwards += stats.forwards
-            skipped += stats.skipped
-            record = {
-                "step": step + 1,
-                "loss": stats.loss,
-                "projected_grad": stats.projected_grad,
-                "lr": ctx.lr,
-                "forwards": stats.forwards,
-                "seconds": seconds,
-            }
-            if stats.skipped:
-                record["skipped"] = True
-                tqdm.write(f"step {step + 1}: non-finite loss, update skipped")
-            self.log.write(record)
-            bar.set_postfix(loss=f"{stats.loss:.4f}")
-            bar.update(1)
-            if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
-                tqdm.write(f"step {step + 1}: {self._evaluate(step + 1, t.eval_split)}")
-        bar.close()
-        train_seconds = time.perf_counter() - train_start
+        bar = tqdm(total=t.steps, initial=min(s.step, t.steps), desc="train", unit="step",
+                   disable=not self.progress)
+        try:
+            for step in range(s.step, t.steps):
+                loss = self._step(step)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update(1)
+                every = self.cfg.checkpoint.every
+                if self.stop.requested():
+                    self._checkpoint()
+                    raise Stopped(s.step, self.stop.exit_code)
+                if every and s.step % every == 0 and s.step < t.steps:
+                    self._checkpoint()
+                if t.eval_every and s.step % t.eval_every == 0 and s.step < t.steps:
+                    tqdm.write(f"step {s.step}: {self._evaluate(s.step, t.eval_split)}")
+        finally:
+            bar.close()
+        if not (checkpoint.checkpoint_root(self.run_dir) / f"step-{s.step}").exists():
+            self._checkpoint()
 
-        final = self._evaluate(t.steps, t.final_split)
+        final = self._evaluate(s.step, t.final_split)
         summary = {
             "method": self.cfg.method.name,
             "model": self.cfg.model.name_or_path,
             "task": self.cfg.data.task,
-            "steps": t.steps,
-            "forwards": forwards,
-            "skipped_steps": skipped,
-            "zero_shot": zero_shot.as_dict() if zero_shot else None,
+            "steps": s.step,
+            "forwards": s.forwards,
+            "skipped_steps": s.skipped,
+            "zero_shot": s.zero_shot,
             "final": final.as_dict(),
-            "train_seconds": train_seconds,
-            "steps_per_second": t.steps / train_seconds if train_seconds > 0 else None,
+            "train_seconds": s.train_seconds,
+            "steps_per_second": s.step / s.train_seconds if s.train_seconds > 0 else None,
             "wall_seconds": time.perf_counter() - started,
         }
-        write_json(self.run_dir / "summary.json", summary)
-        self.log.close()
+        if self.writer:
+            write_json(self.run_dir / "summary.json", summary)
+            self.tracker.log_summary(summary)
+            self.tracker.log_artifacts(self.run_dir)
         return summary
+
+    def close(self) -> None:
+        for log in (self.metrics, self.updates):
+            if log is not None:
+                log.close()

@@ -41,3 +41,32 @@ def make_batch(n: int = 8, length: int = 10, seed: int = 0):
 @pytest.fixture
 def tiny_batch():
     return make_batch()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny randomly initialised Llama with the real SmolLM2 tokenizer, saved like a hub model.
+
+    Subprocess and resume tests run real `zopipe` commands on it in seconds.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pipeline.assets import ensure_assets
+
+    tok = AutoTokenizer.from_pretrained(ensure_assets(progress=False).model_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      pad_token_id=tok.pad_token_id)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_job(tiny_model_dir):
+    """Overrides that run the demo job on the tiny model and a small slice of the data."""
+    return [f"model.name_or_path={tiny_model_dir}", "data.n_train=64", "data.n_val=16",
+            "data.n_test=32", "train.batch_size=8", "method.lr=1e-3", "train.threads=1"]

@@ -1,0 +1,108 @@
+"""Step checkpoints: ``<run_dir>/checkpoints/step-<N>/``, written atomically.
+
+A checkpoint holds the trainable weights (and fp32 masters) of this run's shards, the method's
+state, the trainer state and the resolved config. It is written into a temporary directory, a
+``COMPLETE`` marker goes in last, and the directory is renamed into place, so a kill or a full
+disk during a save leaves the previous checkpoint intact. Directories without the marker are
+ignored, with a warning, in favour of the latest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+
+from pipeline.zo.shard_io import load_shards, save_shards
+
+COMPLETE = "COMPLETE"
+PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous one is intact."""
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def _step_of(path: Path) -> int | None:
+    if not path.name.startswith(PREFIX):
+        return None
+    try:
+        return int(path.name[len(PREFIX) :])
+    except ValueError:
+        return None
+
+
+def complete_checkpoints(run_dir: Path, *, warn: bool = True) -> list[tuple[int, Path]]:
+    """``(step, dir)`` of every complete checkpoint, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        step = _step_of(path)
+        if step is None:
+            continue
+        if (path / COMPLETE).is_file():
+            found.append((step, path))
+        elif warn:
+            print(f"warning: ignoring incomplete checkpoint {path} (no {COMPLETE} marker)",
+                  file=sys.stderr)
+    return sorted(found)
+
+
+def latest(run_dir: Path) -> tuple[int, Path] | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save(run_dir: Path, step: int, shards, method, trainer_state: dict[str, Any],
+         config_yaml: str, *, keep_last: int = 0, rank: int = 0) -> Path:
+    """Write ``step-<step>`` atomically; keep only the newest ``keep_last`` (0: keep all)."""
+    root = checkpoint_root(run_dir)
+    final = root / f"{PREFIX}{step}"
+    tmp = root / f".tmp-{PREFIX}{step}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_shards(shards, tmp / f"shards-rank{rank}.safetensors")
+        torch.save(method.state_dict(), tmp / "method.pt")
+        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        (tmp / "config.yaml").write_text(config_yaml)
+        with open(tmp / COMPLETE, "w") as f:
+            f.write(f"{step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors as its own
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest(run_dir)
+        kept = f"the previous checkpoint {prev[1]} is intact" if prev else "no earlier checkpoint"
+        raise CheckpointError(
+            f"could not write checkpoint step {step} under {root}: {exc}; {kept}. Free disk "
+            "space or fix the directory's permissions, then resume"
+        ) from None
+    if keep_last > 0:
+        for _, old in complete_checkpoints(run_dir, warn=False)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(path: Path, shards, method, *, rank: int = 0) -> dict[str, Any]:
+    """Restore shards and method state from a checkpoint; returns the trainer state."""
+    load_shards(shards, path / f"shards-rank{rank}.safetensors")
+    method.load_state_dict(torch.load(path / "method.pt", weights_only=True))
+    return json.loads((path / "trainer.json").read_text())

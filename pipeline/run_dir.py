@@ -1,0 +1,84 @@
+"""A run directory's life: new, resumed from its latest checkpoint, or finished.
+
+``zopipe train`` on a directory that holds a complete checkpoint resumes from it, whatever the
+initial-load options say, so a requeued job needs no new arguments. A changed config is checked
+against the one the run started with: changes that break the run's trajectory are refused, the
+harmless ones (more steps, another evaluation cadence, tracking) are allowed and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from pipeline import checkpoint
+from pipeline.config import JobConfig, build
+
+HARMLESS = (
+    "train.steps", "train.eval_every", "train.eval_split", "train.final_split",
+    "train.eval_zero_shot", "train.eval_batch_size", "train.threads",
+    "train.max_nonfinite_steps", "model.device", "checkpoint.", "tracking.",
+)
+RUN_FILES = ("metrics.jsonl", "update_log.jsonl")
+
+
+class RunDirError(ValueError):
+    """The run directory cannot take this run; the message says why and what to do."""
+
+
+def config_changes(old: JobConfig, new: JobConfig) -> tuple[list[str], list[str]]:
+    """``(breaking, harmless)`` descriptions of the keys that differ."""
+    a, b = old.flat(), new.flat()
+    breaking, harmless = [], []
+    for key in a:
+        if a[key] != b[key]:
+            text = f"{key}: {a[key]!r} -> {b[key]!r}"
+            (harmless if key.startswith(HARMLESS) else breaking).append(text)
+    return breaking, harmless
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records after ``step``: a resumed run recomputes them (bitwise the same)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break  # a line cut by a kill: everything after it is lost anyway
+        if record.get("step", 0) > step:
+            break
+        keep.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def open_run(run_dir: Path, cfg: JobConfig) -> tuple[Path | None, list[str]]:
+    """Prepare ``run_dir`` for ``cfg``: ``(checkpoint to resume or None, harmless changes)``."""
+    found = checkpoint.latest(run_dir) if run_dir.exists() else None
+    if found is None:
+        if run_dir.exists():
+            for name in (*RUN_FILES, "summary.json", "mlflow_run_id"):
+                (run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(checkpoint.checkpoint_root(run_dir), ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        return None, []
+    step, path = found
+    started = build(yaml.safe_load((path / "config.yaml").read_text()))
+    breaking, harmless = config_changes(started, cfg)
+    if breaking:
+        raise RunDirError(
+            f"{run_dir} holds a run at step {step} whose config differs in ways that change its "
+            f"trajectory: {'; '.join(breaking)}. Resume with the original config (zopipe resume "
+            f"{run_dir}) or start a new --run-dir"
+        )
+    for name in RUN_FILES:
+        truncate_jsonl(run_dir / name, step)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return path, harmless
