@@ -21,12 +21,14 @@ EXIT_CONFIG = 2
 def _user_errors() -> tuple[type[Exception], ...]:
     from pipeline.assets import AssetError
     from pipeline.checkpoint import CheckpointError
+    from pipeline.compare import CompareError
     from pipeline.data.loading import DataError
     from pipeline.models.loading import ModelError
     from pipeline.run_dir import RunDirError
     from pipeline.trainer import NonFiniteError
 
-    return (AssetError, DataError, ModelError, RunDirError, CheckpointError, NonFiniteError)
+    return (AssetError, DataError, ModelError, RunDirError, CheckpointError, NonFiniteError,
+            CompareError)
 
 
 def _config(config: str, overrides: tuple[str, ...]):
@@ -167,6 +169,27 @@ def replay(run_dir, out, no_progress):
 
     _guarded(replay_run, run_dir, out, progress=not no_progress)
     click.echo(f"replayed {run_dir} into {out}")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False, exists=True,
+                                                      path_type=Path))
+@click.option("--experiment", help="Compare every run of this MLflow experiment.")
+@click.option("--tracking-uri", help="MLflow URI (default: the runs' sqlite:///<root>/mlflow.db).")
+@click.option("--metric", default="accuracy", show_default=True, help="Evaluation metric.")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("compare.png"), show_default=True, help="Where the curves go.")
+def compare(run_dirs, experiment, tracking_uri, metric, png):
+    """Runs side by side: hyperparameters, accuracy, forwards, time; curves vs forward passes."""
+    from pipeline.compare import compare as compare_runs
+    from pipeline.compare import write_comparison_png
+
+    if not run_dirs and not experiment:
+        raise click.UsageError("give run directories or --experiment NAME")
+    table, rows = _guarded(compare_runs, list(run_dirs) or None, experiment, tracking_uri, metric)
+    click.echo(table)
+    if rows:
+        click.echo(f"curves: {write_comparison_png(rows, png)}")
 
 
 @main.command()

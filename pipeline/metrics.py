@@ -1,8 +1,8 @@
 """The run directory's plain files: resolved config, per-step metrics, summary.
 
 ``metrics.jsonl`` holds one JSON object per line: per step ``step``, ``loss``, ``projected_grad``,
-``lr``, ``forwards``, ``seconds`` (and ``skipped`` when a non-finite loss skipped the update); per
-evaluation ``step``, ``split``, ``accuracy``, ``n``, ``stderr``.
+``lr``, ``forwards``, ``forwards_total``, ``seconds`` (and ``skipped`` when a non-finite loss
+skipped the update); per evaluation ``step``, ``split``, ``accuracy``, ``n``, ``stderr``.
 """
 
 from __future__ import annotations

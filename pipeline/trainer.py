@@ -91,7 +91,8 @@ class Trainer:
         s.skipped += stats.skipped
         s.nonfinite_streak = s.nonfinite_streak + 1 if stats.skipped else 0
         record = {"step": step + 1, "loss": stats.loss, "projected_grad": stats.projected_grad,
-                  "lr": ctx.lr, "forwards": stats.forwards, "seconds": seconds}
+                  "lr": ctx.lr, "forwards": stats.forwards, "forwards_total": s.forwards,
+                  "seconds": seconds}
         if stats.skipped:
             record["skipped"] = True
         self._write(self.metrics, record)

@@ -49,7 +49,8 @@ def wait_for_step(run_dir, step, proc, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         path = run_dir / "metrics.jsonl"
-        if path.exists() and sum('"loss"' in line for line in path.read_text().splitlines()) >= step:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if sum('"loss"' in line for line in lines) >= step:
             return True
         time.sleep(0.05)
     return False
