@@ -12,8 +12,7 @@ from tqdm import tqdm
 from pipeline import checkpoint
 from pipeline.config import JobConfig
 from pipeline.data.task_data import prepare
-from pipeline.models.loading import load_model, load_tokenizer, resolve_device
-from pipeline.models.selection import select_trainable
+from pipeline.models.loading import load_tokenizer
 from pipeline.parallel import build_backend
 from pipeline.run_dir import open_run
 from pipeline.stopping import StopRequest
@@ -28,13 +27,10 @@ def default_run_dir(cfg: JobConfig, root: Path = Path("runs")) -> Path:
 
 
 def build_model(cfg: JobConfig):
-    """Backend and method over the configured model, before any step."""
+    """Backend (which loads and shards the model) and method, before any step."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.model.device)
-    model = load_model(cfg.model, device)
-    trainable = select_trainable(model, cfg.model.trainable)
-    backend = build_backend(cfg, model, trainable, device)
+    backend = build_backend(cfg)
     return backend, build_method(cfg, backend.shards())
 
 

@@ -72,5 +72,6 @@ def test_train_then_eval_on_the_real_model(tmp_path):
     assert json.loads(ev.output.strip().splitlines()[-1])["accuracy"] == summary["zero_shot"][
         "accuracy"]
 
+    # The run directory now belongs to this run: another config is refused, naming what differs.
     again = runner.invoke(main, ["train", "jobs/demo.yaml", "--run-dir", str(run_dir)])
-    assert again.exit_code == 1 and "already holds a run" in again.output
+    assert again.exit_code == 1 and "data.n_train: 32 -> 1000" in again.output

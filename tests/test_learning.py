@@ -3,14 +3,14 @@
 import torch
 
 from pipeline.config import MethodConfig
-from pipeline.models.selection import select_trainable
+from pipeline.parallel import trainable_names
 from pipeline.parallel.single import SingleBackend
 from pipeline.zo.methods import StepContext
 from pipeline.zo.methods.mezo import MeZO
 
 
 def test_mezo_lowers_the_loss_of_a_fixed_batch(tiny_model, tiny_batch):
-    trainable = select_trainable(tiny_model, ["*"])
+    trainable = trainable_names(tiny_model, ["*"])
     backend = SingleBackend(tiny_model, trainable, torch.device("cpu"), master=False)
     mezo = MeZO(MethodConfig(lr=2e-3, eps=1e-3), backend.shards())
     start = backend.loss(tiny_batch).item()

@@ -5,7 +5,7 @@ import torch
 
 from pipeline.config import MethodConfig
 from pipeline.models.objective import batch_loss
-from pipeline.models.selection import select_trainable
+from pipeline.parallel import trainable_names
 from pipeline.parallel.single import SingleBackend
 from pipeline.zo.methods import StepContext
 from pipeline.zo.methods.mezo import MeZO
@@ -13,7 +13,7 @@ from pipeline.zo.noise import gaussian
 
 
 def _setup(model, patterns=("*",), master=False, **method):
-    trainable = select_trainable(model, list(patterns))
+    trainable = trainable_names(model, list(patterns))
     backend = SingleBackend(model, trainable, torch.device("cpu"), master=master)
     return backend, MeZO(MethodConfig(**method), backend.shards())
 

@@ -157,11 +157,11 @@ def test_nan_losses_are_skipped_counted_and_stop_the_run(tiny_job, tmp_path):
 
 def test_full_disk_at_save_keeps_the_previous_checkpoint(tiny_model, tmp_path):
     from pipeline.config import MethodConfig
-    from pipeline.models.selection import select_trainable
+    from pipeline.parallel import trainable_names
     from pipeline.parallel.single import SingleBackend
     from pipeline.zo.methods.mezo import MeZO
 
-    backend = SingleBackend(tiny_model, select_trainable(tiny_model, ["*"]), "cpu", master=False)
+    backend = SingleBackend(tiny_model, trainable_names(tiny_model, ["*"]), "cpu", master=False)
     method = MeZO(MethodConfig(), backend.shards())
     first = checkpoint.save(tmp_path, 1, backend.shards(), method, {"step": 1}, "x: 1\n")
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -179,11 +179,11 @@ def test_full_disk_at_save_keeps_the_previous_checkpoint(tiny_model, tmp_path):
 
 def test_incomplete_checkpoints_are_ignored(tiny_model, tmp_path, capsys):
     from pipeline.config import MethodConfig
-    from pipeline.models.selection import select_trainable
+    from pipeline.parallel import trainable_names
     from pipeline.parallel.single import SingleBackend
     from pipeline.zo.methods.mezo import MeZO
 
-    backend = SingleBackend(tiny_model, select_trainable(tiny_model, ["*"]), "cpu", master=False)
+    backend = SingleBackend(tiny_model, trainable_names(tiny_model, ["*"]), "cpu", master=False)
     method = MeZO(MethodConfig(), backend.shards())
     good = checkpoint.save(tmp_path, 3, backend.shards(), method, {"step": 3}, "x: 1\n")
     partial = tmp_path / "checkpoints" / "step-6"

@@ -1,34 +1,35 @@
-"""The single-process backend: every parameter is one whole shard.
-
-Backend contract (DESIGN.md): ``shards()``, ``loss(batch)`` (fp32 scalar of this rank's batch),
-``scores(batch)``, ``all_reduce_mean(tensor)`` (float64, deterministic), ``rank``, ``world_size``,
-``barrier()``.
-"""
+"""The single-process backend: every parameter is one whole shard (``start = 0``)."""
 
 from __future__ import annotations
 
 import torch
 
+from pipeline.models.loading import load_model, resolve_device
 from pipeline.models.objective import batch_loss, candidate_scores
-from pipeline.zo.shards import ParamShard, decays
+from pipeline.parallel import make_shard, trainable_names, wants_master
 
 
 class SingleBackend:
     rank = 0
     world_size = 1
 
-    def __init__(self, model, trainable, device, *, master: bool):
+    def __init__(self, model, names: list[str], device, *, master: bool):
         self.model = model
-        self.device = device
-        self._shards = []
-        for name, p in trainable:
-            local = p.data.view(-1)
-            fp32 = local.detach().to(torch.float32, copy=True) if master else None
-            self._shards.append(
-                ParamShard(name, tuple(p.shape), 0, local, master=fp32, decay=decays(name, p))
-            )
+        self.device = torch.device(device)
+        params = dict(model.named_parameters())
+        self._shards = [
+            make_shard(n, params[n].shape, 0, params[n].data.view(-1), master=master)
+            for n in names
+        ]
 
-    def shards(self) -> list[ParamShard]:
+    @classmethod
+    def from_config(cls, cfg) -> SingleBackend:
+        device = resolve_device(cfg.model.device)
+        model = load_model(cfg.model, device)
+        names = trainable_names(model, cfg.model.trainable)
+        return cls(model, names, device, master=wants_master(cfg))
+
+    def shards(self):
         return self._shards
 
     @torch.no_grad()
@@ -43,4 +44,7 @@ class SingleBackend:
         return tensor.to(torch.float64)
 
     def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass

@@ -45,7 +45,7 @@ class ParamShard:
         return self.master if self.master is not None else self.local
 
 
-def decays(name: str, param: torch.Tensor) -> bool:
+def decays(name: str, ndim: int) -> bool:
     """Weight decay skips biases and normalisation weights (MeZO, following HF Trainer)."""
     lowered = name.lower()
-    return param.dim() >= 2 and "norm" not in lowered and not lowered.endswith("bias")
+    return ndim >= 2 and "norm" not in lowered and not lowered.endswith("bias")

@@ -1,0 +1,62 @@
+"""What every multi-process backend shares: the process group and the few collectives ZO needs.
+
+Launch is always ``torchrun`` (under SLURM ``srun torchrun``); it sets RANK, WORLD_SIZE,
+LOCAL_RANK and the rendezvous. The process group is gloo on CPU and NCCL on CUDA.
+
+Loss scalars are combined deterministically: an all-gather, then a float64 sum in rank order,
+so the step's projected gradient is the same number on every rank and at every world size with
+the same global batch (up to the fp32 rounding of each rank's own mean).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_process_group(device_name: str) -> torch.device:
+    """Join (or create) the default process group; returns this rank's device."""
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda
+                                else None)
+    return device
+
+
+class DistributedBackend:
+    """Rank bookkeeping and collectives; subclasses own the model and its shards."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks in float64, summed in rank order (bitwise the same on every rank)."""
+        local = tensor.detach().to(self.device, torch.float64)
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local)
+        total = gathered[0].clone()
+        for part in gathered[1:]:
+            total += part
+        return (total / self.world_size).cpu()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
