@@ -65,20 +65,36 @@ def latest(run_dir: Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def save(run_dir: Path, step: int, shards, method, trainer_state: dict[str, Any],
-         config_yaml: str, *, keep_last: int = 0, rank: int = 0) -> Path:
-    """Write ``step-<step>`` atomically; keep only the newest ``keep_last`` (0: keep all)."""
+def _all_ok(backend, ok: bool) -> bool:
+    """Whether every rank succeeded (one tiny collective when sharded)."""
+    if backend.world_size == 1:
+        return ok
+    flag = backend.all_reduce_mean(torch.tensor([0.0 if ok else 1.0]))
+    return flag.item() == 0.0
+
+
+def save(run_dir: Path, step: int, backend, method, trainer_state: dict[str, Any],
+         config_yaml: str, *, keep_last: int = 0) -> Path:
+    """Write ``step-<step>`` atomically; keep only the newest ``keep_last`` (0: keep all).
+
+    Every rank writes its shards into the temporary directory; global rank 0 writes the rest, the
+    ``COMPLETE`` marker last, and renames the directory once all ranks succeeded.
+    """
     root = checkpoint_root(run_dir)
     final = root / f"{PREFIX}{step}"
     tmp = root / f".tmp-{PREFIX}{step}"
-    try:
+    lead = backend.rank == 0
+
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_shards(shards, tmp / f"shards-rank{rank}.safetensors")
+
+    def finalize() -> None:
         torch.save(method.state_dict(), tmp / "method.pt")
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        state = {**trainer_state, "world_size": backend.world_size}
+        (tmp / "trainer.json").write_text(json.dumps(state, indent=2) + "\n")
         (tmp / "config.yaml").write_text(config_yaml)
         with open(tmp / COMPLETE, "w") as f:
             f.write(f"{step}\n")
@@ -87,22 +103,39 @@ def save(run_dir: Path, step: int, shards, method, trainer_state: dict[str, Any]
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors as its own
-        shutil.rmtree(tmp, ignore_errors=True)
-        prev = latest(run_dir)
-        kept = f"the previous checkpoint {prev[1]} is intact" if prev else "no earlier checkpoint"
-        raise CheckpointError(
-            f"could not write checkpoint step {step} under {root}: {exc}; {kept}. Free disk "
-            "space or fix the directory's permissions, then resume"
-        ) from None
-    if keep_last > 0:
+
+    phases = [
+        (lambda: prepare() if lead else None),
+        (lambda: save_shards(backend.shards(), tmp / f"shards-rank{backend.rank}.safetensors")),
+        (lambda: finalize() if lead else None),
+    ]
+    for phase in phases:  # every rank runs every phase, so the collectives stay matched
+        error: Exception | None = None
+        try:
+            phase()
+        except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors as its own
+            error = exc
+        if not _all_ok(backend, error is None):
+            if lead:
+                shutil.rmtree(tmp, ignore_errors=True)
+            prev = latest(run_dir)
+            kept = (f"the previous checkpoint {prev[1]} is intact" if prev
+                    else "no earlier checkpoint")
+            reason = error or "another rank could not write its shards"
+            raise CheckpointError(
+                f"could not write checkpoint step {step} under {root}: {reason}; {kept}. Free "
+                "disk space or fix the directory's permissions, then resume"
+            )
+    if lead and keep_last > 0:
         for _, old in complete_checkpoints(run_dir, warn=False)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load(path: Path, shards, method, *, rank: int = 0) -> dict[str, Any]:
-    """Restore shards and method state from a checkpoint; returns the trainer state."""
-    load_shards(shards, path / f"shards-rank{rank}.safetensors")
+def load(path: Path, shards, method) -> dict[str, Any]:
+    """Restore shards (from any world size) and method state; returns the trainer state."""
+    load_shards(shards, sorted(path.glob("shards-rank*.safetensors")))
     method.load_state_dict(torch.load(path / "method.pt", weights_only=True))
-    return json.loads((path / "trainer.json").read_text())
+    state = json.loads((path / "trainer.json").read_text())
+    state.pop("world_size", None)
+    return state

@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -57,41 +58,73 @@ def main() -> None:
     """Zeroth-order (forward-only) fine-tuning of language models."""
 
 
+nproc_option = click.option(
+    "--nproc-per-node", type=int, default=1, show_default=True,
+    help="Ranks on this machine: >1 starts torchrun (sharded backends: fsdp, zero3).",
+)
+
+
 @main.command()
 @config_arg
 @overrides_arg
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the run writes its files (default: runs/<time>-<method>-<task>).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in batch logs).")
-def train(config, overrides, run_dir, no_progress):
+@nproc_option
+def train(config, overrides, run_dir, no_progress, nproc_per_node):
     """Fine-tune with a ZO method: CONFIG [section.key=value ...]."""
+    from pipeline.parallel.distributed import launched_by_torchrun
     from pipeline.train import default_run_dir
 
     cfg = _config(config, overrides)
-    _train(cfg, run_dir or default_run_dir(cfg), not no_progress)
+    if run_dir is None:
+        if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+            raise click.UsageError("under torchrun/srun every rank needs the same --run-dir")
+        run_dir = default_run_dir(cfg)
+    args = ["train", config, *overrides, "--run-dir", str(run_dir)]
+    _train(cfg, run_dir, not no_progress, nproc_per_node, args + ["--no-progress"] * no_progress)
 
 
-def _train(cfg, run_dir: Path, progress: bool) -> None:
+def _train(cfg, run_dir: Path, progress: bool, nproc: int, args: list[str]) -> None:
+    from pipeline.parallel.distributed import launched_by_torchrun
     from pipeline.train import run
     from pipeline.trainer import Stopped
 
+    if nproc > 1 and not launched_by_torchrun():
+        if cfg.parallel.backend == "single":
+            raise click.UsageError("--nproc-per-node > 1 needs parallel.backend=fsdp or zero3")
+        sys.exit(_torchrun(nproc, args))
+    lead = os.environ.get("RANK", "0") == "0"
     try:
         summary = _guarded(run, cfg, run_dir, progress=progress)
     except Stopped as stop:
-        click.echo(f"stopped at step {stop.step} after a checkpoint; continue with: "
-                   f"zopipe resume {run_dir}", err=True)
+        if lead:
+            click.echo(f"stopped at step {stop.step} after a checkpoint; continue with: "
+                       f"zopipe resume {run_dir}", err=True)
         sys.exit(stop.exit_code)
-    click.echo(_summary_text(summary, run_dir))
+    if lead:
+        click.echo(_summary_text(summary, run_dir))
+
+
+def _torchrun(nproc: int, args: list[str]) -> int:
+    """Run this command again as ``nproc`` ranks under torchrun; returns its exit status."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "pipeline.cli", *args]
+    return subprocess.run(cmd, check=False).returncode
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @overrides_arg
 @click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in batch logs).")
-def resume(run_dir, overrides, no_progress):
+@nproc_option
+def resume(run_dir, overrides, no_progress, nproc_per_node):
     """Continue RUN_DIR from its latest complete checkpoint (same config unless overridden)."""
     cfg = _config(str(run_dir / "config.yaml"), overrides)
-    _train(cfg, run_dir, not no_progress)
+    args = ["resume", str(run_dir), *overrides] + ["--no-progress"] * no_progress
+    _train(cfg, run_dir, not no_progress, nproc_per_node, args)
 
 
 def _summary_text(summary: dict, run_dir: Path) -> str:

@@ -116,7 +116,15 @@ class CheckpointConfig:
 
 @dataclass
 class ParallelConfig:
-    backend: str = _opt("single", "execution backend", choices=["single"])
+    backend: str = _opt(
+        "single",
+        "single (one process), fsdp (PyTorch FSDP2) or zero3 (DeepSpeed ZeRO-3); the sharded "
+        "backends run under torchrun (zopipe train --nproc-per-node N)",
+        choices=["single", "fsdp", "zero3"],
+    )
+    ds_config: str | None = _opt(
+        None, "DeepSpeed config for zero3 (default ds_configs/zero3_<dtype>.json)"
+    )
 
 
 @dataclass

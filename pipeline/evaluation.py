@@ -28,13 +28,19 @@ class Accuracy:
 
 
 def evaluate(backend, data, split: str, batch_size: int, *, progress: bool = True) -> Accuracy:
+    """Accuracy over a split; under sharding each rank scores its batches and counts are summed."""
+    import torch
+
     correct = total = 0
-    batches = data.eval_batches(split, batch_size)
+    batches = data.eval_batches(split, batch_size, backend.rank, backend.world_size)
     n = len(data.splits[split])
     with tqdm(total=n, desc=f"eval {split}", unit="ex", leave=False, disable=not progress) as bar:
-        for batch, size in batches:
+        for batch, counted in batches:
             pred = backend.scores(batch).argmax(1)
-            correct += int((pred == batch.labels).sum())
-            total += size
-            bar.update(size)
+            correct += int((pred == batch.labels)[:counted].sum())
+            total += counted
+            bar.update(counted * backend.world_size)
+    if backend.world_size > 1:
+        mean = backend.all_reduce_mean(torch.tensor([correct, total], dtype=torch.float64))
+        correct, total = (round(v * backend.world_size) for v in mean.tolist())
     return Accuracy(split, correct / total, total)

@@ -58,16 +58,11 @@ def truncate_jsonl(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
-def open_run(run_dir: Path, cfg: JobConfig) -> tuple[Path | None, list[str]]:
-    """Prepare ``run_dir`` for ``cfg``: ``(checkpoint to resume or None, harmless changes)``."""
+def inspect_run(run_dir: Path, cfg: JobConfig) -> tuple[Path | None, list[str]]:
+    """``(checkpoint to resume or None, harmless config changes)``; reads only, so every rank
+    can call it and reach the same verdict. Raises :class:`RunDirError` for breaking changes."""
     found = checkpoint.latest(run_dir) if run_dir.exists() else None
     if found is None:
-        if run_dir.exists():
-            for name in (*RUN_FILES, "summary.json", "mlflow_run_id"):
-                (run_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(checkpoint.checkpoint_root(run_dir), ignore_errors=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
         return None, []
     step, path = found
     started = build(yaml.safe_load((path / "config.yaml").read_text()))
@@ -78,7 +73,19 @@ def open_run(run_dir: Path, cfg: JobConfig) -> tuple[Path | None, list[str]]:
             f"trajectory: {'; '.join(breaking)}. Resume with the original config (zopipe resume "
             f"{run_dir}) or start a new --run-dir"
         )
-    for name in RUN_FILES:
-        truncate_jsonl(run_dir / name, step)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
     return path, harmless
+
+
+def prepare_run(run_dir: Path, cfg: JobConfig, ckpt: Path | None) -> None:
+    """Make ``run_dir`` ready (global rank 0 only): a fresh start clears what a run that never
+    reached its first checkpoint left; a resume drops the records after the checkpoint."""
+    if ckpt is None and run_dir.exists():
+        for name in (*RUN_FILES, "summary.json", "mlflow_run_id"):
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(checkpoint.checkpoint_root(run_dir), ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt is not None:
+        step = checkpoint.latest(run_dir)[0]
+        for name in RUN_FILES:
+            truncate_jsonl(run_dir / name, step)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())

@@ -14,7 +14,7 @@ from pipeline.config import JobConfig
 from pipeline.data.task_data import prepare
 from pipeline.models.loading import load_tokenizer
 from pipeline.parallel import build_backend
-from pipeline.run_dir import open_run
+from pipeline.run_dir import inspect_run, prepare_run
 from pipeline.stopping import StopRequest
 from pipeline.tracking import Tracker
 from pipeline.trainer import Stopped, Trainer, TrainerState
@@ -50,31 +50,39 @@ def _finished(run_dir: Path, cfg: JobConfig, ckpt: Path | None) -> dict | None:
 
 
 def run(cfg: JobConfig, run_dir: Path, *, progress: bool = True) -> dict:
-    """Train (or resume, or report a finished run) in ``run_dir``.
+    """Train (or resume, or report a finished run) in ``run_dir``; every rank calls this.
 
     Raises :class:`Stopped` when a stop request was honoured (the run is resumable).
     """
-    ckpt, changes = open_run(run_dir, cfg)
+    ckpt, changes = inspect_run(run_dir, cfg)
     done = _finished(run_dir, cfg, ckpt)
     if done is not None:
         tqdm.write(f"{run_dir} already finished {done['steps']} steps; nothing to do")
         return done
     backend, method, data = build(cfg)
+    lead = backend.rank == 0
+    if lead:
+        prepare_run(run_dir, cfg, ckpt)
+    backend.barrier()
     state = TrainerState()
     if ckpt is not None:
-        state = TrainerState(**checkpoint.load(ckpt, backend.shards(), method, rank=backend.rank))
-        tqdm.write(f"resuming {run_dir} from {ckpt.name}")
-        for change in changes:
-            tqdm.write(f"  config change allowed on resume: {change}")
-    with StopRequest(run_dir) as stop, Tracker.start(
-        cfg, run_dir, rank=backend.rank, resume=ckpt is not None
-    ) as tracker:
-        trainer = Trainer(cfg, run_dir, backend, method, data, tracker=tracker, stop=stop,
-                          state=state, progress=progress)
-        try:
-            return trainer.train()
-        except Stopped:
-            tracker.finish("KILLED")
-            raise
-        finally:
-            trainer.close()
+        state = TrainerState(**checkpoint.load(ckpt, backend.shards(), method))
+        if lead:
+            tqdm.write(f"resuming {run_dir} from {ckpt.name}")
+            for change in changes:
+                tqdm.write(f"  config change allowed on resume: {change}")
+    try:
+        with StopRequest(run_dir) as stop, Tracker.start(
+            cfg, run_dir, rank=backend.rank, resume=ckpt is not None
+        ) as tracker:
+            trainer = Trainer(cfg, run_dir, backend, method, data, tracker=tracker, stop=stop,
+                              state=state, progress=progress)
+            try:
+                return trainer.train()
+            except Stopped:
+                tracker.finish("KILLED")
+                raise
+            finally:
+                trainer.close()
+    finally:
+        backend.close()

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from pipeline import checkpoint
@@ -63,6 +64,17 @@ class Trainer:
         if log is not None:
             log.write(record)
 
+    def _say(self, message: str) -> None:
+        if self.writer:
+            tqdm.write(message)
+
+    def _stop_requested(self) -> bool:
+        """A stop request on any rank stops all ranks at the same step."""
+        wanted = self.stop.requested()
+        if self.backend.world_size == 1:
+            return wanted
+        return self.backend.all_reduce_mean(torch.tensor([float(wanted)])).item() > 0
+
     def _evaluate(self, step: int, split: str) -> Accuracy:
         t = self.cfg.train
         acc = evaluate(self.backend, self.data, split, t.eval_batch_size, progress=self.progress)
@@ -73,15 +85,15 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         c = self.cfg.checkpoint
-        checkpoint.save(self.run_dir, self.state.step, self.backend.shards(), self.method,
-                        asdict(self.state), self.cfg.to_yaml(), keep_last=c.keep_last,
-                        rank=self.backend.rank)
+        checkpoint.save(self.run_dir, self.state.step, self.backend, self.method,
+                        asdict(self.state), self.cfg.to_yaml(), keep_last=c.keep_last)
 
     def _step(self, step: int) -> float:
         """One ZO step and its records; ``step`` counts from 0, records from 1."""
         t = self.cfg.train
         tic = time.perf_counter()
-        batch = self.data.train_batch(step, t.batch_size, t.seed)
+        batch = self.data.train_batch(step, t.batch_size, t.seed, self.backend.rank,
+                                      self.backend.world_size)
         ctx = StepContext(step, t.seed, self.cfg.method.lr, batch, self.backend)
         stats = self.method.step(ctx)
         seconds = time.perf_counter() - tic
@@ -101,7 +113,7 @@ class Trainer:
                                    "skipped": stats.skipped})
         self.tracker.log_step(record)
         if stats.skipped:
-            tqdm.write(f"step {step + 1}: non-finite loss, update skipped "
+            self._say(f"step {step + 1}: non-finite loss, update skipped "
                        f"({s.nonfinite_streak} in a row, {s.skipped} in all)")
         if s.nonfinite_streak >= t.max_nonfinite_steps:
             raise NonFiniteError(
@@ -117,7 +129,7 @@ class Trainer:
         if s.step == 0 and t.eval_zero_shot and s.zero_shot is None:
             acc = self._evaluate(0, t.final_split)
             s.zero_shot = acc.as_dict()
-            tqdm.write(f"zero-shot accuracy: {acc}")
+            self._say(f"zero-shot accuracy: {acc}")
 
         bar = tqdm(total=t.steps, initial=min(s.step, t.steps), desc="train", unit="step",
                    disable=not self.progress)
@@ -127,13 +139,14 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update(1)
                 every = self.cfg.checkpoint.every
-                if self.stop.requested():
+                if self._stop_requested():
                     self._checkpoint()
                     raise Stopped(s.step, self.stop.exit_code)
                 if every and s.step % every == 0 and s.step < t.steps:
                     self._checkpoint()
                 if t.eval_every and s.step % t.eval_every == 0 and s.step < t.steps:
-                    tqdm.write(f"step {s.step}: {self._evaluate(s.step, t.eval_split)}")
+                    acc = self._evaluate(s.step, t.eval_split)
+                    self._say(f"step {s.step}: {acc}")
         finally:
             bar.close()
         if not (checkpoint.checkpoint_root(self.run_dir) / f"step-{s.step}").exists():

@@ -16,27 +16,43 @@ class TaskData:
     pad_id: int
     choice: bool  # every candidate is one token: classification mode
 
-    def train_batch(self, step: int, batch_size: int, seed: int):
-        """The training batch of ``step``: a pure function of (seed, step)."""
-        train = self.splits["train"]
-        items = [train[i] for i in batch_indices(len(train), batch_size, seed, step)]
+    def _batch(self, items: list[Encoded], *, scoring: bool):
         if self.choice:
             return choice_batch(items, self.pad_id)
-        return sequence_batch(items, self.pad_id, all_candidates=False)
+        return sequence_batch(items, self.pad_id, all_candidates=scoring)
 
-    def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[object, int]]:
-        """``(batch, n_examples)`` over a split, for candidate scoring.
+    def train_batch(self, step: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        """This rank's part of the global batch of ``step``: a pure function of (seed, step).
+
+        The global batch is cut into ``world`` equal consecutive parts, so the mean of the ranks'
+        losses is the loss of the same global batch at any world size.
+        """
+        if batch_size % world:
+            raise ValueError(f"train.batch_size={batch_size} must be a multiple of the world "
+                             f"size {world}")
+        train = self.splits["train"]
+        part = batch_size // world
+        indices = batch_indices(len(train), batch_size, seed, step)[rank * part:(rank + 1) * part]
+        return self._batch([train[i] for i in indices], scoring=False)
+
+    def eval_batches(self, split: str, batch_size: int, rank: int = 0,
+                     world: int = 1) -> Iterator[tuple[object, int]]:
+        """``(batch, n_counted)`` of this rank over a split, for candidate scoring.
 
         Examples go by prompt length so that batches carry little padding; accuracy does not
-        depend on the order.
+        depend on the order. Batches are dealt round-robin to the ranks; every rank runs the same
+        number of forwards (sharded forwards are collectives), a rank with nothing left scoring a
+        repeat with ``n_counted = 0``.
         """
         items = sorted(self.splits[split], key=lambda e: len(e.prompt))
-        for i in range(0, len(items), batch_size):
-            chunk = items[i : i + batch_size]
-            if self.choice:
-                yield choice_batch(chunk, self.pad_id), len(chunk)
+        chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        rounds = -(-len(chunks) // world)
+        for r in range(rounds):
+            index = r * world + rank
+            if index < len(chunks):
+                yield self._batch(chunks[index], scoring=True), len(chunks[index])
             else:
-                yield sequence_batch(chunk, self.pad_id, all_candidates=True), len(chunk)
+                yield self._batch(chunks[0], scoring=True), 0
 
 
 def prepare(data_cfg, tokenizer) -> TaskData:

@@ -20,8 +20,23 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_process_group(device_name: str) -> torch.device:
-    """Join (or create) the default process group; returns this rank's device."""
+    """Join (or create) the default process group; returns this rank's device.
+
+    Outside torchrun a one-process group is created, so the sharded backends also run (and are
+    tested) at world size 1.
+    """
+    if not launched_by_torchrun():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
