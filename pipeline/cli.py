@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import ConfigError, load_config
+from pipeline.stopping import STOPPED_FILE
 
 EXIT_CONFIG = 2
 
@@ -93,7 +94,13 @@ def _train(cfg, run_dir: Path, progress: bool, nproc: int, args: list[str]) -> N
     if nproc > 1 and not launched_by_torchrun():
         if cfg.parallel.backend == "single":
             raise click.UsageError("--nproc-per-node > 1 needs parallel.backend=fsdp or zero3")
-        sys.exit(_torchrun(nproc, args))
+        code = _torchrun(nproc, args)
+        stopped = run_dir / STOPPED_FILE
+        if code != 0 and stopped.exists():  # torchrun reports a rank's 143 as its own 1
+            code = json.loads(stopped.read_text())["exit_code"]
+            click.echo(f"stopped; continue with: zopipe resume {run_dir} --nproc-per-node "
+                       f"{nproc}", err=True)
+        sys.exit(code)
     lead = os.environ.get("RANK", "0") == "0"
     try:
         summary = _guarded(run, cfg, run_dir, progress=progress)
@@ -223,6 +230,37 @@ def compare(run_dirs, experiment, tracking_uri, metric, png):
     click.echo(table)
     if rows:
         click.echo(f"curves: {write_comparison_png(rows, png)}")
+
+
+@main.command(name="check-sharding")
+@config_arg
+@overrides_arg
+@nproc_option
+@click.option("--steps", type=int, default=3, show_default=True)
+@click.option("--backends", default="fsdp,zero3", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the ranks write their shards (default: a temporary directory).")
+def check_sharding(config, overrides, nproc_per_node, steps, backends, out):
+    """Max differences of perturbations (must be 0), losses and parameters of the sharded
+    backends against the single-process run."""
+    import tempfile
+
+    from pipeline.parallel.check import run_check
+
+    cfg = _config(config, overrides)
+    if cfg.train.batch_size % nproc_per_node:
+        raise click.UsageError("train.batch_size must be a multiple of --nproc-per-node")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = run_check(config, list(overrides), nproc_per_node, steps, out or Path(tmp),
+                           tuple(backends.split(",")))
+    click.echo(f"{'backend':8s} {'perturbation':>13s} {'loss':>10s} {'proj. grad':>10s} "
+               f"{'params':>10s}   (max |difference| vs single, {nproc_per_node} ranks)")
+    for name, diffs in report.items():
+        click.echo(f"{name:8s} {diffs['perturbation']:13.3g} {diffs['loss']:10.3g} "
+                   f"{diffs['projected_grad']:10.3g} {diffs['params']:10.3g}")
+    if any(d["perturbation"] != 0 for d in report.values()):
+        click.echo("Error: a perturbation differs from the single-process one", err=True)
+        sys.exit(1)
 
 
 @main.command()

@@ -16,6 +16,7 @@ import yaml
 
 from pipeline import checkpoint
 from pipeline.config import JobConfig, build
+from pipeline.stopping import STOPPED_FILE
 
 HARMLESS = (
     "train.steps", "train.eval_every", "train.eval_split", "train.final_split",
@@ -84,6 +85,7 @@ def prepare_run(run_dir: Path, cfg: JobConfig, ckpt: Path | None) -> None:
             (run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(checkpoint.checkpoint_root(run_dir), ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOPPED_FILE).unlink(missing_ok=True)
     if ckpt is not None:
         step = checkpoint.latest(run_dir)[0]
         for name in RUN_FILES:

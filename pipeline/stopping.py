@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 STOP_FILE = "STOP"
+STOPPED_FILE = "stopped.json"  # written by rank 0 when a stop was honoured; gone on resume
 
 
 class StopRequest:

@@ -42,11 +42,13 @@ def build(cfg: JobConfig):
 
 
 def _finished(run_dir: Path, cfg: JobConfig, ckpt: Path | None) -> dict | None:
+    """The summary of a run whose latest checkpoint already reached ``train.steps``."""
     summary = run_dir / "summary.json"
     if ckpt is None or not summary.exists():
         return None
     done = json.loads(summary.read_text())
-    return done if done.get("steps", -1) >= cfg.train.steps else None
+    step = json.loads((ckpt / "trainer.json").read_text())["step"]
+    return done if step == done.get("steps") and step >= cfg.train.steps else None
 
 
 def run(cfg: JobConfig, run_dir: Path, *, progress: bool = True) -> dict:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from pipeline import checkpoint
 from pipeline.evaluation import Accuracy, evaluate
 from pipeline.metrics import MetricsLog, write_json
+from pipeline.stopping import STOPPED_FILE
 from pipeline.zo.methods import StepContext
 
 
@@ -141,6 +142,9 @@ class Trainer:
                 every = self.cfg.checkpoint.every
                 if self._stop_requested():
                     self._checkpoint()
+                    if self.writer:
+                        write_json(self.run_dir / STOPPED_FILE,
+                                   {"step": s.step, "exit_code": self.stop.exit_code})
                     raise Stopped(s.step, self.stop.exit_code)
                 if every and s.step % every == 0 and s.step < t.steps:
                     self._checkpoint()

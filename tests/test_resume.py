@@ -163,13 +163,13 @@ def test_full_disk_at_save_keeps_the_previous_checkpoint(tiny_model, tmp_path):
 
     backend = SingleBackend(tiny_model, trainable_names(tiny_model, ["*"]), "cpu", master=False)
     method = MeZO(MethodConfig(), backend.shards())
-    first = checkpoint.save(tmp_path, 1, backend.shards(), method, {"step": 1}, "x: 1\n")
+    first = checkpoint.save(tmp_path, 1, backend, method, {"step": 1}, "x: 1\n")
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # the OS refuses larger files
     try:
         with pytest.raises(checkpoint.CheckpointError, match="step-1 is intact"):
-            checkpoint.save(tmp_path, 2, backend.shards(), method, {"step": 2}, "x: 1\n")
+            checkpoint.save(tmp_path, 2, backend, method, {"step": 2}, "x: 1\n")
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, old)
@@ -185,7 +185,7 @@ def test_incomplete_checkpoints_are_ignored(tiny_model, tmp_path, capsys):
 
     backend = SingleBackend(tiny_model, trainable_names(tiny_model, ["*"]), "cpu", master=False)
     method = MeZO(MethodConfig(), backend.shards())
-    good = checkpoint.save(tmp_path, 3, backend.shards(), method, {"step": 3}, "x: 1\n")
+    good = checkpoint.save(tmp_path, 3, backend, method, {"step": 3}, "x: 1\n")
     partial = tmp_path / "checkpoints" / "step-6"
     partial.mkdir()
     (partial / "trainer.json").write_text(json.dumps({"step": 6}))
