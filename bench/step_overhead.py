@@ -73,6 +73,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory-mode", choices=["train", "inference"], help=argparse.SUPPRESS)
+    parser.add_argument("--timing-json", action="store_true",
+                        help="Only time forward and step; rank 0 prints one JSON line (used by "
+                             "bench/sharded_overhead.py under torchrun).")
     args = parser.parse_args()
     if args.memory_mode:
         measure_memory(args, args.memory_mode)
@@ -93,6 +96,12 @@ def main() -> None:
     forwards = stats[-1].forwards
     f, s = statistics.median(fwd), statistics.median(step)
     trainable = sum(sh.numel for sh in backend.shards())
+    if args.timing_json:
+        if backend.rank == 0:
+            print(json.dumps({"forward": f, "step": s, "forwards": forwards,
+                              "world_size": backend.world_size}))
+        backend.close()
+        return
 
     peaks = {}
     for mode in ("inference", "train"):

@@ -111,7 +111,7 @@ class Trainer:
         self._write(self.metrics, record)
         self._write(self.updates, {"step": step + 1, "seeds": stats.seeds,
                                    "projected_grad": stats.projected_grad, "lr": ctx.lr,
-                                   "skipped": stats.skipped})
+                                   "skipped": stats.skipped, **stats.extra})
         self.tracker.log_step(record)
         if stats.skipped:
             self._say(f"step {step + 1}: non-finite loss, update skipped "

@@ -29,6 +29,7 @@ class StepStats:
     forwards: int
     seeds: list[int] = field(default_factory=list)
     skipped: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # more of what defines the update, logged
 
 
 class ZOMethod(Protocol):
