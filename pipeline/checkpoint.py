@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 
 from pipeline.zo.shard_io import load_shards, save_shards
+from pipeline.zo.shards import ParamShard
 
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
@@ -65,6 +66,19 @@ def latest(run_dir: Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
+def _state_shards(method, shards: list[ParamShard]) -> list[ParamShard]:
+    """A method's sharded state (e.g. ZO-Adam moments, ``"<kind>::<param>"`` keys) as
+    ParamShards laid out like the parameters, so it is saved and resharded with them."""
+    if not hasattr(method, "shard_state"):
+        return []
+    by_name = {s.name: s for s in shards}
+    out = []
+    for key, tensor in method.shard_state().items():
+        shard = by_name[key.partition("::")[2]]
+        out.append(ParamShard(key, shard.shape, shard.start, tensor.reshape(-1)))
+    return out
+
+
 def _all_ok(backend, ok: bool) -> bool:
     """Whether every rank succeeded (one tiny collective when sharded)."""
     if backend.world_size == 1:
@@ -106,7 +120,8 @@ def save(run_dir: Path, step: int, backend, method, trainer_state: dict[str, Any
 
     phases = [
         (lambda: prepare() if lead else None),
-        (lambda: save_shards(backend.shards(), tmp / f"shards-rank{backend.rank}.safetensors")),
+        (lambda: save_shards(backend.shards() + _state_shards(method, backend.shards()),
+                             tmp / f"shards-rank{backend.rank}.safetensors")),
         (lambda: finalize() if lead else None),
     ]
     for phase in phases:  # every rank runs every phase, so the collectives stay matched
@@ -134,8 +149,11 @@ def save(run_dir: Path, step: int, backend, method, trainer_state: dict[str, Any
 
 def load(path: Path, shards, method) -> dict[str, Any]:
     """Restore shards (from any world size) and method state; returns the trainer state."""
-    load_shards(shards, sorted(path.glob("shards-rank*.safetensors")))
+    states = _state_shards(method, shards)
+    load_shards(shards + states, sorted(path.glob("shards-rank*.safetensors")))
     method.load_state_dict(torch.load(path / "method.pt", weights_only=True))
+    if states:
+        method.load_shard_state({s.name: s.local for s in states})
     state = json.loads((path / "trainer.json").read_text())
     state.pop("world_size", None)
     return state

@@ -77,6 +77,29 @@ class MethodConfig:
     weight_decay: float = _opt(0.0, "λ, skipped for biases and norms", min=0.0)
     n_directions: int = _opt(1, "directions averaged per step", min=1)
     two_sided: bool = _opt(True, "two-sided (L+ - L-)/2ε, or one-sided (L+ - L0)/ε")
+    bszo_k: int = _opt(
+        2, "BSZO: subspace dimension k, dense directions per step (BSZO does not use "
+        "n_directions or two_sided; it is one-sided by construction)", min=1,
+    )
+    bszo_m: int = _opt(0, "BSZO: observations per step m >= k (0 = k+1)", min=0)
+    bszo_variant: str = _opt(
+        "bszo", "BSZO: bszo (Alg. 1, the extra observations reuse cached forwards) or bszo_b "
+        "(Alg. 2, one new forward per extra observation along Σ's top eigenvector)",
+        choices=["bszo", "bszo_b"],
+    )
+    bszo_alpha: float = _opt(0.1, "BSZO: EMA rate α of the adaptive noise σe² (0 = fixed σe)",
+                             min=0.0)
+    bszo_sigma: float = _opt(0.0, "BSZO: prior σp = initial noise σe0 (0 = sqrt(n / 1e6), n the "
+                             "trainable parameter count); the BSZO recipe also sets eps=1e-4",
+                             min=0.0)
+    adam_beta1: float = _opt(0.9, "ZO-Adam: β1 (first-moment decay), < 1", min=0.0)
+    adam_beta2: float = _opt(0.999, "ZO-Adam: β2 (second-moment decay), < 1", min=0.0)
+    adam_eps: float = _opt(1e-8, "ZO-Adam: ε added to sqrt(v̂)", min_exclusive=0.0)
+    lozo_rank: int = _opt(
+        2, "LOZO: rank r of the perturbation U Vᵀ of each 2-D weight (LOZO is two-sided with one "
+        "direction per step: n_directions and two_sided are not used)", min=1,
+    )
+    lozo_nu: int = _opt(50, "LOZO: V is redrawn every ν steps", min=1)
 
 
 @dataclass

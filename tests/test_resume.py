@@ -191,3 +191,21 @@ def test_incomplete_checkpoints_are_ignored(tiny_model, tmp_path, capsys):
     (partial / "trainer.json").write_text(json.dumps({"step": 6}))
     assert checkpoint.latest(tmp_path) == (3, good)
     assert "ignoring incomplete checkpoint" in capsys.readouterr().err
+
+
+def test_zo_adam_moments_survive_a_resume(tiny_job, tmp_path):
+    """The sharded Adam moments go into the per-rank checkpoint files and come back."""
+    from pipeline.config import load_config
+    from pipeline.train import run
+
+    common = [*tiny_job, "method.name=zo_adam", "tracking.enabled=false", "checkpoint.every=2",
+              "train.eval_zero_shot=false"]
+    run(load_config("jobs/demo.yaml", [*common, "train.steps=5"]), tmp_path / "a",
+        progress=False)
+    run(load_config("jobs/demo.yaml", [*common, "train.steps=3"]), tmp_path / "b",
+        progress=False)
+    run(load_config("jobs/demo.yaml", [*common, "train.steps=5"]), tmp_path / "b",
+        progress=False)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    saved = load_file(str(checkpoint.latest(tmp_path / "b")[1] / "shards-rank0.safetensors"))
+    assert any(k.startswith("exp_avg_sq::") for k in saved)

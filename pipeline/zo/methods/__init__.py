@@ -1,9 +1,12 @@
 """ZO methods, one file each, behind one interface (:mod:`pipeline.zo.methods.base`)."""
 
 from pipeline.zo.methods.base import StepContext, StepStats, ZOMethod
+from pipeline.zo.methods.bszo import BSZO
+from pipeline.zo.methods.lozo import LOZO
 from pipeline.zo.methods.mezo import MeZO
+from pipeline.zo.methods.zo_adam import ZOAdam
 
-METHODS: dict[str, type[ZOMethod]] = {"mezo": MeZO}
+METHODS: dict[str, type[ZOMethod]] = {"mezo": MeZO, "bszo": BSZO, "zo_adam": ZOAdam, "lozo": LOZO}
 
 __all__ = ["METHODS", "StepContext", "StepStats", "ZOMethod", "build_method"]
 
