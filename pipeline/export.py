@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from pipeline import checkpoint
@@ -17,6 +18,12 @@ def save_hf(model, name_or_path: str, out: Path) -> None:
     load_tokenizer(name_or_path).save_pretrained(out)
 
 
+def unsharded(cfg):
+    """The run's config on the single-process backend: sharded checkpoints reload unsharded, and
+    ``save_pretrained`` needs whole parameters (a ZeRO-3 module holds empty placeholders)."""
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, backend="single"))
+
+
 def export_run(run_dir: Path, out: Path) -> int:
     """Write the fine-tuned model of ``run_dir`` to ``out``; returns the checkpoint's step."""
     from pipeline.train import build_model
@@ -25,7 +32,7 @@ def export_run(run_dir: Path, out: Path) -> int:
     if found is None:
         raise RunDirError(f"{run_dir} has no complete checkpoint to export")
     step, path = found
-    cfg = load_config(path / "config.yaml")
+    cfg = unsharded(load_config(path / "config.yaml"))
     backend, method = build_model(cfg)
     checkpoint.load(path, backend.shards(), method)
     save_hf(backend.model, cfg.model.name_or_path, out)

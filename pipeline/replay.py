@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.config import load_config
-from pipeline.export import save_hf
+from pipeline.export import save_hf, unsharded
 from pipeline.metrics import read_jsonl
 from pipeline.run_dir import RunDirError
 
@@ -27,7 +27,7 @@ def replay_run(run_dir: Path, out: Path | None = None, *, upto: int | None = Non
     log = run_dir / "update_log.jsonl"
     if not log.exists():
         raise RunDirError(f"{run_dir} has no update_log.jsonl to replay")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = unsharded(load_config(run_dir / "config.yaml"))
     backend, method = build_model(cfg)
     if not hasattr(method, "replay"):
         raise RunDirError(f"method {cfg.method.name} cannot be replayed from its log")

@@ -15,7 +15,7 @@ from pipeline import checkpoint
 from pipeline.metrics import read_jsonl
 from pipeline.parallel.check import run_check
 
-BACKENDS = ["fsdp"]
+BACKENDS = ["fsdp", "zero3"]
 pytestmark = pytest.mark.slow
 WORKERS = Path(__file__).parent / "workers"
 

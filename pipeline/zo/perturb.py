@@ -23,6 +23,12 @@ from pipeline.zo.noise import iter_blocks
 from pipeline.zo.shards import ParamShard
 
 
+def _on(z, shard: ParamShard):
+    """Noise is generated on the CPU (the same numbers whatever the device); a shard on a GPU
+    receives a copy."""
+    return z if z.device == shard.local.device else z.to(shard.local.device, non_blocking=True)
+
+
 def _f32(x: float) -> float:
     """Round a Python scalar to fp32 once, so every kernel path multiplies by the same number."""
     return float(torch.tensor(x, dtype=torch.float32))
@@ -37,11 +43,12 @@ def move(shards: Iterable[ParamShard], seed: int, current: float, new: float) ->
                 continue
             alpha = _f32(new)
             for off, z in iter_blocks(seed, shard.key, shard.start, shard.numel, shard.total):
-                n = z.numel()
+                z, n = _on(z, shard), z.numel()
                 shard.local[off : off + n].copy_(z.mul_(alpha).add_(shard.master[off : off + n]))
         else:
             alpha = _f32(new - current)
             for off, z in iter_blocks(seed, shard.key, shard.start, shard.numel, shard.total):
+                z = _on(z, shard)
                 shard.local[off : off + z.numel()].add_(z.mul_(alpha))
 
 
@@ -65,11 +72,13 @@ def update(
         if shard.master is None and d == 0.0:
             alpha = _f32(coeff - current)
             for off, z in iter_blocks(seed, shard.key, shard.start, shard.numel, shard.total):
+                z = _on(z, shard)
                 target[off : off + z.numel()].add_(z.mul_(alpha))
             continue
         restore = _f32(-current) if shard.master is None else 0.0
         scale, step = _f32(1.0 - d), _f32(coeff)
         for off, z in iter_blocks(seed, shard.key, shard.start, shard.numel, shard.total):
+            z = _on(z, shard)
             piece = target[off : off + z.numel()]
             if restore != 0.0:
                 piece.add_(z * restore)
