@@ -1,9 +1,8 @@
 """Rank worker: counts the torch.distributed collectives one ZO step issues beyond the forwards.
 
-Run under torchrun; argv: OUT_JSON CONFIG [overrides...]. The forward's parameter gathers go
-through ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` (FSDP2) or DeepSpeed's own
-collectives; everything else (``all_gather``, ``all_reduce``, ``broadcast``, ...) is counted with
-the sizes of the tensors sent.
+Run under torchrun; argv: OUT_JSON CONFIG [overrides...]. Every call of the listed collectives
+is recorded with the sizes of the tensors it sends and whether it happened inside a forward pass
+(``backend.loss``: parameter gathers of FSDP2 / ZeRO-3); the test asserts on the others.
 """
 
 import json
@@ -30,13 +29,28 @@ def main() -> None:
     backend.loss(batch)  # warm-up: lazy initialisation collectives are not the step's
     calls = []
     originals = {}
+    inside = [False]
+    forward = backend.loss
+
+    def loss(b):
+        inside[0] = True
+        try:
+            return forward(b)
+        finally:
+            inside[0] = False
+
+    backend.loss = loss
     for name in COUNTED:
         original = getattr(dist, name)
         originals[name] = original
 
         def counting(*args, _name=name, _original=original, **kwargs):
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            calls.append({"op": _name, "numel": sum(t.numel() for t in tensors)})
+            values = [*args, *kwargs.values()]
+            tensors = [a for a in values if isinstance(a, torch.Tensor)]
+            tensors += [t for a in values if isinstance(a, list) for t in a
+                        if isinstance(t, torch.Tensor) and a is not args[0]]
+            calls.append({"op": _name, "numel": sum(t.numel() for t in tensors),
+                          "in_forward": inside[0]})
             return _original(*args, **kwargs)
 
         setattr(dist, name, counting)
