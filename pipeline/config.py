@@ -100,6 +100,33 @@ class MethodConfig:
         "direction per step: n_directions and two_sided are not used)", min=1,
     )
     lozo_nu: int = _opt(50, "LOZO: V is redrawn every ν steps", min=1)
+    agzo_rank: int = _opt(1, "AGZO: rank r of each linear layer's activation basis A", min=1)
+    agzo_iters: int = _opt(3, "AGZO: subspace iterations K for A (one all-reduce each)", min=1)
+    agzo_max_rows: int = _opt(
+        2048, "AGZO: activation rows (tokens, padding masked) kept per distinct layer input and "
+        "step, over all ranks; sampled with the step seed when there are more", min=1,
+    )
+    match_mezo_norm: bool = _opt(
+        False, "AGZO: scale Δ = R Aᵀ by sqrt(in / r) so its norm matches MeZO's z (MeZO "
+        "learning rates then transfer); AGZO uses two_sided (set false: one-sided, 2 forwards)",
+    )
+    zoact_rank: int = _opt(1, "ZO-Act: rank r of each targeted layer's basis V and "
+                           "coefficients C", min=1)
+    zoact_q: int = _opt(1, "ZO-Act: perturbed forwards q per step (ZO-Act uses eps as μ and is "
+                        "one-sided: two_sided and n_directions are not used)", min=1)
+    zoact_targets: list[str] = _opt(
+        ["*.self_attn.*_proj", "*.mlp.*_proj"],
+        "ZO-Act: fnmatch patterns of the nn.Linear module names that get coefficients",
+    )
+    zoact_calib_batches: int = _opt(
+        4, "ZO-Act: training batches whose activations define V (the unperturbed forwards of the "
+        "first steps; C trains from the last of them on)", min=1,
+    )
+    zoact_calib_iters: int = _opt(30, "ZO-Act: subspace iterations computing V", min=1)
+    zoact_max_rows: int = _opt(
+        8192, "ZO-Act: activation rows kept per distinct layer input over the whole "
+        "calibration, over all ranks", min=1,
+    )
 
 
 @dataclass

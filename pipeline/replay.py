@@ -32,8 +32,12 @@ def replay_run(run_dir: Path, out: Path | None = None, *, upto: int | None = Non
     if not hasattr(method, "replay"):
         raise RunDirError(f"method {cfg.method.name} cannot be replayed from its log")
     records = [r for r in read_jsonl(log) if upto is None or r["step"] <= upto]
-    for record in tqdm(records, desc="replay", unit="step", disable=not progress):
-        method.replay(record)
+    try:
+        for record in tqdm(records, desc="replay", unit="step", disable=not progress):
+            method.replay(record)
+    except NotImplementedError as exc:  # e.g. AGZO: its bases come from activations, not the log
+        raise RunDirError(f"{cfg.method.name} runs cannot be replayed: {exc}. Use zopipe export "
+                          "on a checkpoint instead") from None
     if out is not None:
         save_hf(backend.model, cfg.model.name_or_path, out)
     return backend

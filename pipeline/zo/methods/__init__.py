@@ -1,12 +1,15 @@
 """ZO methods, one file each, behind one interface (:mod:`pipeline.zo.methods.base`)."""
 
+from pipeline.zo.methods.agzo import AGZO
 from pipeline.zo.methods.base import StepContext, StepStats, ZOMethod
 from pipeline.zo.methods.bszo import BSZO
 from pipeline.zo.methods.lozo import LOZO
 from pipeline.zo.methods.mezo import MeZO
 from pipeline.zo.methods.zo_adam import ZOAdam
+from pipeline.zo.methods.zoact import ZOAct
 
-METHODS: dict[str, type[ZOMethod]] = {"mezo": MeZO, "bszo": BSZO, "zo_adam": ZOAdam, "lozo": LOZO}
+METHODS: dict[str, type[ZOMethod]] = {"mezo": MeZO, "bszo": BSZO, "zo_adam": ZOAdam, "lozo": LOZO,
+                                      "agzo": AGZO, "zoact": ZOAct}
 
 __all__ = ["METHODS", "StepContext", "StepStats", "ZOMethod", "build_method"]
 

@@ -1,0 +1,56 @@
+"""Adapters that add a trainable low-rank term to a frozen ``nn.Linear``.
+
+:class:`CoefficientAdapter` is ZO-Act's (arXiv 2607.01125, reconstruction in METHODS.md):
+``y = W x + C (Vᵀ x)`` with the layer's weight ``W`` (and bias) untouched, so ``W`` may be
+frozen, sharded (FSDP2, ZeRO-3: the hook sees the layer's full output on this rank's
+micro-batch) or quantized. ``V`` (in, r) is a fixed basis and ``C`` (out, r) the coefficients,
+both fp32 and replicated. It is a forward hook, added by :meth:`attach` and removed by
+:meth:`detach`; the effective weight is ``W + C Vᵀ``.
+
+Arithmetic: ``p = Vᵀ x`` (in the input's dtype for 16-bit inputs, so no fp32 copy of the whole
+input is made; in fp32 otherwise), then ``C p`` in fp32, cast to the output's dtype and added.
+With ``C = 0`` the added term is exactly zero and the output is bitwise unchanged (for finite
+outputs). With 16-bit outputs the ``μ``-sized changes of a perturbation are rounded to the
+output's precision, as MeZO's perturbed 16-bit weights are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CoefficientAdapter:
+    def __init__(self, module: torch.nn.Module, basis: torch.Tensor, coef: torch.Tensor):
+        weight = module.weight
+        device = weight.device if weight.device.type != "meta" else torch.device("cpu")
+        self.module = module
+        self.basis = basis.detach().to(device, torch.float32).contiguous()  # V (in, r)
+        self.coef = coef.detach().to(device, torch.float32).clone()  # C (out, r), written in place
+        self._handle = None
+
+    def attach(self) -> CoefficientAdapter:
+        if self._handle is None:
+            self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def set(self, coef: torch.Tensor) -> None:
+        """Write ``C`` (an (out, r) tensor, any device) into the adapter."""
+        self.coef.copy_(coef)
+
+    def _hook(self, module, args, output):
+        del module
+        x = args[0]
+        if x.dtype == torch.float32:
+            p = x @ self.basis
+        else:
+            p = (x @ self.basis.to(x.dtype)).float()
+        return output + (p @ self.coef.T).to(output.dtype)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W + C Vᵀ`` in fp32 (for export into a plain model)."""
+        return weight.float() + (self.coef @ self.basis.T).to(weight.device)

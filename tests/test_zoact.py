@@ -1,0 +1,292 @@
+"""ZO-Act: the coefficient adapter, the calibrated basis V, the estimate of ∇C, Adam on C,
+state, replay and 2 ranks.
+
+Run as a script (``python tests/test_zoact.py OUT STEPS CONFIG overrides...``, under torchrun for
+several ranks) it is the rank worker of the 2-rank test: it runs ZO-Act steps and saves, per
+rank, the losses, projected gradients, V and C.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_batch
+
+from pipeline.config import MethodConfig
+from pipeline.models.adapters import CoefficientAdapter
+from pipeline.models.objective import batch_loss
+from pipeline.parallel import trainable_names
+from pipeline.parallel.single import SingleBackend
+from pipeline.zo.activations import linear_modules
+from pipeline.zo.methods import METHODS, StepContext
+from pipeline.zo.methods.zoact import ZOAct
+
+MLP = ["*.mlp.*_proj"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _setup(model, **method):
+    backend = SingleBackend(model, trainable_names(model, ["model.norm.weight"]), "cpu",
+                            master=False)
+    return backend, ZOAct(MethodConfig(name="zoact", **method), backend.shards())
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids).logits
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+
+
+def test_adapter_with_zero_c_is_bitwise_identity_and_adds_c_vt_x(tiny_model, tiny_batch):
+    assert METHODS["zoact"] is ZOAct
+    plain = _logits(tiny_model, tiny_batch)
+    gen = torch.Generator().manual_seed(0)
+    modules = linear_modules(tiny_model, patterns=["*_proj"])
+    adapters = [CoefficientAdapter(m, torch.linalg.qr(torch.randn(m.in_features, 2,
+                                                                  generator=gen)).Q,
+                                   torch.zeros(m.out_features, 2)).attach()
+                for m in modules.values()]
+    assert torch.equal(_logits(tiny_model, tiny_batch), plain)
+    layer = modules["model.layers.0.mlp.down_proj"]
+    x = torch.randn(3, 5, layer.in_features, generator=gen)
+    adapter = next(a for a in adapters if a.module is layer)
+    adapter.set(torch.randn(layer.out_features, 2, generator=gen))
+    with torch.no_grad():
+        got = layer(x)
+        want = x @ adapter.merged_weight(layer.weight).T
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a in adapters:
+        a.detach()
+    assert torch.equal(_logits(tiny_model, tiny_batch), plain)
+
+
+def _inputs(model, batches, names):
+    """Masked input rows of each named Linear over several batches (plain hooks, the oracle)."""
+    seen = {n: [] for n in names}
+    handles = []
+    current = {}
+    for name, module in linear_modules(model, names=set(names)).items():
+        def hook(mod, args, _name=name):
+            x = args[0]
+            seen[_name].append(x.reshape(-1, x.shape[-1])[current["mask"]].clone())
+        handles.append(module.register_forward_pre_hook(hook))
+    for batch in batches:
+        current["mask"] = batch.attention_mask.bool().reshape(-1)
+        with torch.no_grad():
+            batch_loss(model, batch)
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(rows).double() for n, rows in seen.items()}
+
+
+def test_v_is_the_top_eigenvectors_of_the_calibration_activations(tiny_model):
+    batches = [make_batch(seed=1), make_batch(seed=2)]
+    backend, method = _setup(tiny_model, zoact_rank=2, zoact_calib_batches=2)  # 30 iterations
+    method.calibrate(backend, batches)
+    truth = _inputs(tiny_model, batches, method.names)
+    assert set(method.names) == set(linear_modules(tiny_model, patterns=method.cfg.zoact_targets))
+    for name, x in truth.items():
+        vals, vecs = torch.linalg.eigh(x.T @ x)
+        vals, vecs = vals.flip(0), vecs.flip(1)
+        assert vals[1] > 1.01 * vals[2], name  # a gap: the eigenvectors are well defined
+        v = method.V[name].double()
+        assert v.shape == (x.shape[1], 2)
+        for k in range(2):
+            assert abs(_cos(v[:, k], vecs[:, k])) > 1 - 1e-6, (name, k)
+        assert torch.equal(method.C[name], torch.zeros(method.C[name].shape))
+
+
+def test_calibration_steps_then_training_steps(tiny_model):
+    batches = [make_batch(seed=1), make_batch(seed=2), make_batch(seed=3)]
+    twin = _copy(tiny_model)  # before any adapter is attached
+    backend, method = _setup(tiny_model, zoact_calib_batches=2, zoact_q=2)
+    first = method.step(StepContext(0, 0, 1e-2, batches[0], backend))
+    assert first.forwards == 1 and first.extra == {"calibrating": True} and not method.calibrated
+    second = method.step(StepContext(1, 0, 1e-2, batches[1], backend))
+    assert second.forwards == 3 and len(second.projected_grad) == 2 and method.calibrated
+    assert second.loss == pytest.approx(backend.loss(batches[1]).item(), abs=0.05)
+    # V is that of the two steps' batches, as an explicit calibration computes it
+    other_backend, other = _setup(twin, zoact_calib_batches=2, zoact_q=2)
+    other.calibrate(other_backend, batches[:2])
+    assert all(torch.equal(method.V[n], other.V[n]) for n in method.names)
+    assert any(c.abs().sum() > 0 for c in method.C.values())
+
+
+def _copy(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+# -- the estimator ----------------------------------------------------------------------------
+#
+# With all layers' coefficients as one vector of D = Σ out·r entries, exact directional
+# derivatives c = <∇C, Z> (the forward difference adds O(μ)) and q = 1, ĝ = <∇C, Z> Z:
+# E[ĝ] = ∇C, E‖ĝ‖² = (D + 2)‖∇C‖². The mean of N estimates then has a cosine to ∇C of about
+# 1/sqrt(1 + K/N), K = D + 1; the test allows twice the expected error norm (cos > 1/sqrt(1 +
+# 4K/N)). Along ∇C, <ĝ, ∇C>/‖∇C‖² = <∇C, Z>²/‖∇C‖² has variance 2: the scale of the mean is 1
+# with standard deviation sqrt(2/N); the test allows 4.
+
+def test_estimate_converges_to_the_autograd_gradient_of_c(tiny_model, tiny_batch):
+    backend, method = _setup(tiny_model, zoact_targets=MLP, eps=1e-3)
+    method.calibrate(backend, [tiny_batch])
+    gen = torch.Generator().manual_seed(4)
+    for name in method.names:  # a fixed C away from 0
+        method.C[name].copy_(torch.randn(method.C[name].shape, generator=gen) * 0.05)
+    method._set(None)
+    coefs = {}
+    for name, adapter in method.adapters.items():
+        coefs[name] = adapter.coef
+        adapter.coef = coefs[name].clone().requires_grad_(True)
+    loss = batch_loss(tiny_model, tiny_batch)
+    true = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        loss, [method.adapters[n].coef for n in method.names])]).double()
+    for name, adapter in method.adapters.items():
+        adapter.coef = coefs[name]
+    c_before = {n: c.clone() for n, c in method.C.items()}
+    weights = _params(tiny_model)
+    steps = 400
+    total = torch.zeros_like(true)
+    for step in range(steps):
+        stats = method.step(StepContext(step, 0, 0.0, tiny_batch, backend))
+        assert stats.forwards == 2
+        est = method.estimate(stats.seeds, stats.projected_grad)
+        total += torch.cat([est[n].reshape(-1) for n in method.names]).double()
+    mean = total / steps
+    k = true.numel() + 1
+    bound = 1 / math.sqrt(1 + 4 * k / steps)
+    cos = _cos(mean, true)
+    assert cos > bound, (cos, bound)
+    scale = (mean @ true / true.norm() ** 2).item()
+    assert abs(scale - 1) < 4 * math.sqrt(2 / steps), scale
+    # lr 0: C unchanged bitwise, and the model's weights were never written
+    assert all(torch.equal(c_before[n], method.C[n]) for n in method.names)
+    assert all(torch.equal(w, p) for w, p in zip(weights.values(), _params(tiny_model).values()))
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_model, tiny_batch):
+    backend, method = _setup(tiny_model, zoact_calib_batches=1, zoact_q=4, eps=1e-3)
+    start = backend.loss(tiny_batch).item()
+    losses = [method.step(StepContext(step, 0, 2e-2, tiny_batch, backend)).loss
+              for step in range(30)]
+    end = backend.loss(tiny_batch).item()
+    assert losses[0] == pytest.approx(start, abs=1e-6)
+    assert end < start - 0.05, (start, end, losses)
+
+
+def test_state_dict_round_trip_resumes_bitwise_and_replay_reproduces_c(tiny_model, tiny_batch):
+    batch2 = make_batch(seed=5)
+    twin = _copy(tiny_model)
+    backend, method = _setup(tiny_model, zoact_calib_batches=1, zoact_q=2)
+    for step in range(3):
+        method.step(StepContext(step, 7, 1e-2, tiny_batch, backend))
+    buf = io.BytesIO()
+    torch.save(method.state_dict(), buf)
+    size = buf.tell()
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    twin_backend, resumed = _setup(twin, zoact_calib_batches=1, zoact_q=2)
+    resumed.load_state_dict(state)
+    _, replayer = _setup(_copy(twin), zoact_calib_batches=1, zoact_q=2)
+    replayer.load_state_dict(state)
+    records = []
+    for step in range(3, 6):
+        a = method.step(StepContext(step, 7, 1e-2, batch2, backend))
+        b = resumed.step(StepContext(step, 7, 1e-2, batch2, twin_backend))
+        assert a.loss == b.loss and a.projected_grad == b.projected_grad
+        records.append({"step": step + 1, "seeds": a.seeds, "projected_grad": a.projected_grad,
+                        "lr": 1e-2, "skipped": a.skipped, **a.extra})
+    assert all(torch.equal(method.C[n], resumed.C[n]) for n in method.names)
+    assert all(torch.equal(method.V[n], resumed.V[n]) for n in method.names)
+    assert size < 200_000  # kilobytes
+    for record in records:
+        replayer.replay(record)
+    assert all(torch.equal(method.C[n], replayer.C[n]) for n in method.names)
+    with pytest.raises(RuntimeError, match="basis V"):
+        _setup(_copy(twin))[1].replay(records[0])
+
+
+def test_non_finite_loss_skips_and_keeps_c(tiny_model, tiny_batch):
+    backend, method = _setup(tiny_model, zoact_calib_batches=1)
+    method.step(StepContext(0, 0, 1e-2, tiny_batch, backend))
+    before = {n: c.clone() for n, c in method.C.items()}
+    tiny_model.model.norm.weight.fill_(float("nan"))
+    stats = method.step(StepContext(1, 0, 1e-2, tiny_batch, backend))
+    assert stats.skipped and math.isnan(stats.loss)
+    assert all(torch.equal(before[n], method.C[n]) for n in method.names)
+    assert all(torch.equal(a.coef, method.C[n]) for n, a in method.adapters.items())
+
+
+# -- 2 ranks ----------------------------------------------------------------------------------
+
+def _worker(out: Path, steps: int, config: str, overrides: list[str]) -> None:
+    from pipeline.config import load_config
+    from pipeline.train import build
+
+    torch.set_num_threads(1)
+    cfg = load_config(config, overrides)
+    backend, method, data = build(cfg)
+    record = {"loss": [], "grad": []}
+    for step in range(steps):
+        batch = data.train_batch(step, cfg.train.batch_size, cfg.train.seed, backend.rank,
+                                 backend.world_size)
+        stats = method.step(StepContext(step, cfg.train.seed, cfg.method.lr, batch, backend))
+        record["loss"].append(stats.loss)
+        record["grad"].append(stats.projected_grad)
+    record.update(V=dict(method.V), C={n: c.clone() for n, c in method.C.items()})
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(record, out / f"rank{backend.rank}.pt")
+    backend.close()
+
+
+def _run(out: Path, nproc: int, backend: str, overrides: list[str], steps: int = 4):
+    cmd = [str(Path(__file__)), str(out), str(steps), "jobs/zoact.yaml", *overrides,
+           f"parallel.backend={backend}", "tracking.enabled=false"]
+    if nproc > 1:
+        cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd]
+    subprocess.run([sys.executable, *cmd], check=True, timeout=600)
+    return [torch.load(p, weights_only=False) for p in sorted(out.glob("rank*.pt"))]
+
+
+@pytest.mark.slow
+def test_two_fsdp_ranks_hold_identical_v_and_c_and_track_one_process(tiny_model_dir, tmp_path):
+    small = [f"model.name_or_path={tiny_model_dir}", "data.n_train=64", "data.n_val=16",
+             "data.n_test=32", "train.batch_size=8", "method.lr=1e-2",
+             "method.zoact_calib_batches=2"]
+    (one,) = _run(tmp_path / "single", 1, "single", small)
+    r0, r1 = _run(tmp_path / "fsdp", 2, "fsdp", small)
+    assert r0["V"] and set(r0["V"]) == set(r1["V"]) == set(one["V"])
+    for k in r0["V"]:
+        assert torch.equal(r0["V"][k], r1["V"][k]) and torch.equal(r0["C"][k], r1["C"][k])
+        assert (r0["V"][k] - one["V"][k]).abs().max().item() < 1e-4
+        assert (r0["C"][k] - one["C"][k]).abs().max().item() < 1e-4
+    assert any(c.abs().sum() > 0 for c in r0["C"].values())
+    assert r0["loss"] == r1["loss"] and r0["grad"] == r1["grad"]
+    assert max(abs(x - y) for x, y in zip(r0["loss"], one["loss"])) < 1e-5
+
+
+if __name__ == "__main__":
+    out_dir, n_steps, job, *rest = sys.argv[1:]
+    _worker(Path(out_dir), int(n_steps), job, rest)
