@@ -4,9 +4,10 @@ Prints, for the demo model (or any job config):
 
 - ``step / forwards``: the wall time of one ZO step divided by (forwards per step x the time of
   one forward on the same batch). 1.0 means perturbing, restoring and updating cost nothing.
-- ``train peak / inference peak``: the peak resident memory (CPU: ru_maxrss; GPU:
-  max_memory_allocated) of a process that runs training steps, divided by that of a process that
-  runs only forwards on the same batch. Each is measured in its own fresh process.
+- ``train peak / inference peak``: the peak memory (CPU: ru_maxrss; GPU: max_memory_allocated)
+  of a process that runs training steps, divided by that of a process that runs only forwards on
+  the same batch, each in its own fresh process; on CPU also the peak RSS sampled during the
+  loop alone (model loading can peak higher than the loop).
 
 Usage: python bench/step_overhead.py [JOB.yaml] [key=value ...] [--repeats 5]
 """
@@ -47,13 +48,30 @@ def _setup(args):
 
 
 def measure_memory(args, mode: str) -> None:
+    """Peak memory of the whole process, and (CPU) the peak RSS sampled during the loop alone:
+    loading the model can peak higher than running it, which would hide the loop's cost."""
+    import threading
+
+    import psutil
+
     cfg, backend, method, batch = _setup(args)
+    proc, loop_peak, running = psutil.Process(), [0], [True]
+
+    def sample() -> None:
+        while running[0]:
+            loop_peak[0] = max(loop_peak[0], proc.memory_info().rss)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     for step in range(args.repeats):
         if mode == "train":
             method.step(StepContext(step, cfg.train.seed, cfg.method.lr, batch, backend))
         else:
             backend.loss(batch)
-    print(json.dumps({"peak_bytes": _peak_bytes(backend.device)}))
+    running[0] = False
+    sampler.join()
+    print(json.dumps({"peak_bytes": _peak_bytes(backend.device), "loop_peak_bytes": loop_peak[0]}))
 
 
 def _time(fn, device, repeats: int) -> list[float]:
@@ -110,7 +128,7 @@ def main() -> None:
              "--memory-mode", mode],
             check=True, capture_output=True, text=True,
         )
-        peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+        peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])
 
     print(f"model {cfg.model.name_or_path} ({cfg.model.dtype}), method {cfg.method.name}, "
           f"trainable {trainable:,} parameters, batch {cfg.train.batch_size}, "
@@ -118,9 +136,13 @@ def main() -> None:
     print(f"forward        {f * 1e3:9.1f} ms (median of {args.repeats})")
     print(f"step           {s * 1e3:9.1f} ms ({forwards} forwards)")
     print(f"step / forwards          {s / (forwards * f):6.2f}")
-    print(f"peak memory inference {peaks['inference'] / 2**20:8.0f} MiB")
-    print(f"peak memory training  {peaks['train'] / 2**20:8.0f} MiB")
-    print(f"train peak / inference peak {peaks['train'] / peaks['inference']:6.2f}")
+    inf, tr = peaks["inference"], peaks["train"]
+    print(f"peak memory (process)  inference {inf['peak_bytes'] / 2**20:7.0f} MiB, training "
+          f"{tr['peak_bytes'] / 2**20:7.0f} MiB, ratio {tr['peak_bytes'] / inf['peak_bytes']:.2f}")
+    if device.type == "cpu":
+        print(f"peak RSS during the loop inference {inf['loop_peak_bytes'] / 2**20:7.0f} MiB, "
+              f"training {tr['loop_peak_bytes'] / 2**20:7.0f} MiB, ratio "
+              f"{tr['loop_peak_bytes'] / inf['loop_peak_bytes']:.2f}")
 
 
 if __name__ == "__main__":

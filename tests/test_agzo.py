@@ -333,11 +333,12 @@ def _run(out: Path, nproc: int, backend: str, overrides: list[str], steps: int =
 
 
 @pytest.mark.slow
-def test_two_fsdp_ranks_share_bitwise_bases_and_track_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+def test_two_ranks_share_bitwise_bases_and_track_one_process(backend, tiny_model_dir, tmp_path):
     small = [f"model.name_or_path={tiny_model_dir}", "data.n_train=64", "data.n_val=16",
              "data.n_test=32", "train.batch_size=8", "method.lr=1e-3"]
     (one,) = _run(tmp_path / "single", 1, "single", small)
-    r0, r1 = _run(tmp_path / "fsdp", 2, "fsdp", small)
+    r0, r1 = _run(tmp_path / backend, 2, backend, small)
     for b0, b1, b in zip(r0["bases"], r1["bases"], one["bases"]):
         assert b0 and set(b0) == set(b1) == set(b)
         assert all(torch.equal(b0[k], b1[k]) for k in b0)  # bitwise the same on both ranks

@@ -271,12 +271,14 @@ def _run(out: Path, nproc: int, backend: str, overrides: list[str], steps: int =
 
 
 @pytest.mark.slow
-def test_two_fsdp_ranks_hold_identical_v_and_c_and_track_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+def test_two_ranks_hold_identical_v_and_c_and_track_one_process(backend, tiny_model_dir,
+                                                                tmp_path):
     small = [f"model.name_or_path={tiny_model_dir}", "data.n_train=64", "data.n_val=16",
              "data.n_test=32", "train.batch_size=8", "method.lr=1e-2",
              "method.zoact_calib_batches=2"]
     (one,) = _run(tmp_path / "single", 1, "single", small)
-    r0, r1 = _run(tmp_path / "fsdp", 2, "fsdp", small)
+    r0, r1 = _run(tmp_path / backend, 2, backend, small)
     assert r0["V"] and set(r0["V"]) == set(r1["V"]) == set(one["V"])
     for k in r0["V"]:
         assert torch.equal(r0["V"][k], r1["V"][k]) and torch.equal(r0["C"][k], r1["C"][k])
