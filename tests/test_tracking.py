@@ -223,9 +223,15 @@ def test_sqlite_full_cycle(runs_root, monkeypatch):
     assert run.info.artifact_uri.startswith(str(runs_root.resolve() / "mlartifacts"))
 
 
-def test_resume_continues_the_same_run_without_duplicates(runs_root):
-    cfg = make_cfg("resume")
-    run_dir = runs_root / "resume-run"
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("server", marks=pytest.mark.slow)])
+def test_resume_continues_the_same_run_without_duplicates(store, runs_root, request, tmp_path):
+    if store == "server":  # a real `mlflow server` on 127.0.0.1
+        request.getfixturevalue("http_env")
+        cfg = make_cfg("resume", uri=request.getfixturevalue("mlflow_server"))
+        run_dir = tmp_path / "runs" / "resume-run"
+    else:  # the default store: sqlite:///<runs root>/mlflow.db
+        cfg = make_cfg("resume")
+        run_dir = runs_root / "resume-run"
     with pytest.raises(KeyboardInterrupt), Tracker.start(cfg, run_dir) as first:
         first.log_eval(eval_record(0, 0.5))
         for rec in step_records([1, 2, 3]):
