@@ -59,19 +59,17 @@ from typing import Any
 
 import torch
 
+from pipeline.zo import perturb
 from pipeline.zo.activations import RowCapture, linear_modules, per_rank_cap, subspace_bases
 from pipeline.zo.methods.base import StepContext, StepStats
 from pipeline.zo.methods.lozo import low_rank_pieces
 from pipeline.zo.noise import gaussian, iter_blocks
+from pipeline.zo.perturb import f32
 from pipeline.zo.seeds import name_key, step_seed
 from pipeline.zo.shards import ParamShard
 
 WEIGHT = ".weight"
 
-
-def _f32(x: float) -> float:
-    """A Python scalar rounded to fp32 once (as :mod:`pipeline.zo.perturb` does)."""
-    return float(torch.tensor(x, dtype=torch.float32))
 
 
 class AGZO:
@@ -129,7 +127,7 @@ class AGZO:
             r = a.shape[1]
             rr = gaussian(seed, name_key(shard.name + "::agzo.R"), 0, out * r).view(out, r)
             if self.cfg.match_mezo_norm:
-                rr.mul_(_f32(math.sqrt(inner / r)))
+                rr.mul_(f32(math.sqrt(inner / r)))
             device = shard.local.device
             self._factors[shard.name] = (rr.to(device), a.to(device, torch.float32))
 
@@ -146,43 +144,15 @@ class AGZO:
 
     def _move(self, seed: int, current: float, new: float) -> None:
         """Stored weights from ``θ + current·Δ`` to ``θ + new·Δ``."""
-        for shard in self.shards:
-            if shard.master is not None:
-                if new == 0.0:
-                    shard.local.copy_(shard.master)
-                    continue
-                alpha = _f32(new)
-                for off, d in self.direction(shard, seed):
-                    master = shard.master[off : off + d.numel()]
-                    shard.local[off : off + d.numel()].copy_(d.mul_(alpha).add_(master))
-            else:
-                alpha = _f32(new - current)
-                for off, d in self.direction(shard, seed):
-                    shard.local[off : off + d.numel()].add_(d.mul_(alpha))
+        perturb.move(self.shards, None, current, new,
+                     pieces=lambda shard: self.direction(shard, seed))
 
     def _update(self, seed: int, grad: float, lr: float, current: float) -> None:
         """Step 4: ``θ ← (1 - ηλ) θ - η g Δ`` from the stored weights at ``θ + current·Δ``,
         restore fused."""
-        for shard in self.shards:
-            coeff = -lr * grad
-            d_ = lr * self.cfg.weight_decay if shard.decay else 0.0
-            target = shard.weights
-            if shard.master is None and d_ == 0.0:
-                alpha = _f32(coeff - current)
-                for off, d in self.direction(shard, seed):
-                    target[off : off + d.numel()].add_(d.mul_(alpha))
-                continue
-            restore = _f32(-current) if shard.master is None else 0.0
-            scale, step = _f32(1.0 - d_), _f32(coeff)
-            for off, d in self.direction(shard, seed):
-                piece = target[off : off + d.numel()]
-                if restore != 0.0:
-                    piece.add_(d * restore)
-                if d_ != 0.0:
-                    piece.mul_(scale)
-                piece.add_(d.mul_(step))
-            if shard.master is not None:
-                shard.local.copy_(shard.master)
+        perturb.update(self.shards, None, -lr * grad, current=current,
+                       decay=lr * self.cfg.weight_decay,
+                       pieces=lambda shard: self.direction(shard, seed))
 
     # -- the step ---------------------------------------------------------------------------
 

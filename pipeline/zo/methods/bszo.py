@@ -59,13 +59,9 @@ import torch
 from pipeline.zo import perturb
 from pipeline.zo.methods.base import StepContext, StepStats
 from pipeline.zo.noise import iter_blocks
+from pipeline.zo.perturb import f32
 from pipeline.zo.seeds import step_seed
 from pipeline.zo.shards import ParamShard
-
-
-def _f32(x: float) -> float:
-    """A Python scalar rounded to fp32 once (as :mod:`pipeline.zo.perturb` does)."""
-    return float(torch.tensor(x, dtype=torch.float32))
 
 
 class Posterior:
@@ -153,7 +149,7 @@ class BSZO:
                 off, n = pieces[0][0], pieces[0][1].numel()
                 acc = shard.master[off : off + n].clone()
                 for i, (_, z) in zip(active, pieces):
-                    acc.add_(z.to(acc.device).mul_(_f32(new[i])))
+                    acc.add_(z.to(acc.device).mul_(f32(new[i])))
                 shard.local[off : off + n].copy_(acc)
 
     def _measure_axes(self, seeds: list[int], loss: Callable[[], torch.Tensor]):

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from pipeline.zo import perturb
 from pipeline.zo.methods.base import StepContext, StepStats
 from pipeline.zo.noise import BLOCK, gaussian, iter_blocks
 from pipeline.zo.seeds import name_key, step_seed
@@ -54,10 +55,6 @@ from pipeline.zo.shards import ParamShard
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
-
-def _f32(x: float) -> float:
-    """A Python scalar rounded to fp32 once (as :mod:`pipeline.zo.perturb` does)."""
-    return float(torch.tensor(x, dtype=torch.float32))
 
 
 def is_matrix(shard: ParamShard) -> bool:
@@ -135,43 +132,16 @@ class LOZO:
 
     def _move(self, seeds: list[int], current: float, new: float) -> None:
         """Stored weights from ``θ + current·Δ`` to ``θ + new·Δ``."""
-        for shard in self.shards:
-            if shard.master is not None:
-                if new == 0.0:
-                    shard.local.copy_(shard.master)
-                    continue
-                alpha = _f32(new)
-                for off, d in self.direction(shard, seeds):
-                    master = shard.master[off : off + d.numel()]
-                    shard.local[off : off + d.numel()].copy_(d.mul_(alpha).add_(master))
-            else:
-                alpha = _f32(new - current)
-                for off, d in self.direction(shard, seeds):
-                    shard.local[off : off + d.numel()].add_(d.mul_(alpha))
+        perturb.move(self.shards, None, current, new,
+                     pieces=lambda shard: self.direction(shard, seeds))
 
     def _update(self, seeds: list[int], grad: float, lr: float, current: float) -> None:
         """``W ← (1 - ηλ) W - η c U Vᵀ / r`` (``θ ← (1 - ηλ) θ - η c z`` off the matrices), from
         the stored weights at ``θ + current·Δ``, restore fused."""
-        for shard in self.shards:
-            coeff = -lr * grad / (self.rank if is_matrix(shard) else 1)
-            d_ = lr * self.cfg.weight_decay if shard.decay else 0.0
-            target = shard.weights
-            if shard.master is None and d_ == 0.0:
-                alpha = _f32(coeff - current)
-                for off, d in self.direction(shard, seeds):
-                    target[off : off + d.numel()].add_(d.mul_(alpha))
-                continue
-            restore = _f32(-current) if shard.master is None else 0.0
-            scale, step = _f32(1.0 - d_), _f32(coeff)
-            for off, d in self.direction(shard, seeds):
-                piece = target[off : off + d.numel()]
-                if restore != 0.0:
-                    piece.add_(d * restore)
-                if d_ != 0.0:
-                    piece.mul_(scale)
-                piece.add_(d.mul_(step))
-            if shard.master is not None:
-                shard.local.copy_(shard.master)
+        perturb.update(self.shards, None,
+                       lambda shard: -lr * grad / (self.rank if is_matrix(shard) else 1),
+                       current=current, decay=lr * self.cfg.weight_decay,
+                       pieces=lambda shard: self.direction(shard, seeds))
 
     def _measure(self, seeds: list[int], loss) -> list[torch.Tensor]:
         """``L(θ + εΔ)``, ``L(θ - εΔ)``; leaves the weights at ``θ - εΔ``."""

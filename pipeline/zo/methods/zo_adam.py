@@ -48,15 +48,12 @@ import torch
 from pipeline.zo.methods.base import StepContext, StepStats
 from pipeline.zo.methods.mezo import MeZO
 from pipeline.zo.noise import iter_blocks
+from pipeline.zo.perturb import f32
 from pipeline.zo.shards import ParamShard
 
 EXP_AVG = "exp_avg::"
 EXP_AVG_SQ = "exp_avg_sq::"
 
-
-def _f32(x: float) -> float:
-    """A Python scalar rounded to fp32 once (as :mod:`pipeline.zo.perturb` does)."""
-    return float(torch.tensor(x, dtype=torch.float32))
 
 
 class ZOAdam(MeZO):
@@ -92,16 +89,16 @@ class ZOAdam(MeZO):
         self._check_moments()
         self.t += 1
         b1, b2, n = self.cfg.adam_beta1, self.cfg.adam_beta2, len(seeds)
-        coeffs = [_f32(g / n) for g in grads]
-        step_size = _f32(lr / (1 - b1**self.t))
-        bc2_sqrt = _f32(math.sqrt(1 - b2**self.t))
-        eps = _f32(self.cfg.adam_eps)
-        one_b1, one_b2 = _f32(1 - b1), _f32(1 - b2)
-        b1, b2 = _f32(b1), _f32(b2)
+        coeffs = [f32(g / n) for g in grads]
+        step_size = f32(lr / (1 - b1**self.t))
+        bc2_sqrt = f32(math.sqrt(1 - b2**self.t))
+        eps = f32(self.cfg.adam_eps)
+        one_b1, one_b2 = f32(1 - b1), f32(1 - b2)
+        b1, b2 = f32(b1), f32(b2)
         for shard in self.shards:
             target = shard.weights
-            restore = _f32(-self._last_at) if shard.master is None else 0.0
-            scale = _f32(1 - lr * self.cfg.weight_decay) if shard.decay else 1.0
+            restore = f32(-self._last_at) if shard.master is None else 0.0
+            scale = f32(1 - lr * self.cfg.weight_decay) if shard.decay else 1.0
             m, v = self.exp_avg[shard.name], self.exp_avg_sq[shard.name]
             gens = [iter_blocks(s, shard.key, shard.start, shard.numel, shard.total)
                     for s in seeds]

@@ -76,15 +76,13 @@ from pipeline.models.adapters import CoefficientAdapter
 from pipeline.zo.activations import RowCapture, linear_modules, per_rank_cap, subspace_bases
 from pipeline.zo.methods.base import StepContext, StepStats
 from pipeline.zo.noise import gaussian
+from pipeline.zo.perturb import f32
 from pipeline.zo.seeds import name_key, step_seed
 from pipeline.zo.shards import ParamShard
 
 CALIBRATION = 1 << 30  # the "direction" index of the calibration seed
 OVERSAMPLE = 4
 
-
-def _f32(x: float) -> float:
-    return float(torch.tensor(x, dtype=torch.float32))
 
 
 class ZOAct:
@@ -176,7 +174,7 @@ class ZOAct:
 
     def _set(self, seed: int | None) -> None:
         """Adapters at ``C + μ Z(seed)`` (``seed`` None: at ``C``)."""
-        mu = _f32(self.cfg.eps)
+        mu = f32(self.cfg.eps)
         for name, adapter in self.adapters.items():
             if seed is None:
                 adapter.set(self.C[name])
@@ -210,7 +208,7 @@ class ZOAct:
 
     def estimate(self, seeds: list[int], grads: list[float]) -> dict[str, torch.Tensor]:
         """``ĝ = (1/q) Σ_i g_i Z_i`` per layer (step 3)."""
-        coeffs = [_f32(g / len(seeds)) for g in grads]
+        coeffs = [f32(g / len(seeds)) for g in grads]
         out = {}
         for name in self.names:
             total = self.noise(seeds[0], name).mul_(coeffs[0])
