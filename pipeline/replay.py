@@ -16,6 +16,7 @@ from pipeline.config import load_config
 from pipeline.export import save_hf, unsharded
 from pipeline.metrics import read_jsonl
 from pipeline.run_dir import RunDirError
+from pipeline.zo.methods.base import ReplayUnsupported
 
 
 def replay_run(run_dir: Path, out: Path | None = None, *, upto: int | None = None,
@@ -35,7 +36,7 @@ def replay_run(run_dir: Path, out: Path | None = None, *, upto: int | None = Non
     try:
         for record in tqdm(records, desc="replay", unit="step", disable=not progress):
             method.replay(record)
-    except NotImplementedError as exc:  # e.g. AGZO: its bases come from activations, not the log
+    except ReplayUnsupported as exc:  # e.g. AGZO: its bases come from activations, not the log
         raise RunDirError(f"{cfg.method.name} runs cannot be replayed: {exc}. Use zopipe export "
                           "on a checkpoint instead") from None
     if out is not None:

@@ -22,6 +22,7 @@ from pipeline.parallel.single import SingleBackend
 from pipeline.zo.activations import RowCapture, linear_modules, subspace_bases
 from pipeline.zo.methods import METHODS, StepContext
 from pipeline.zo.methods.agzo import AGZO
+from pipeline.zo.methods.base import ReplayUnsupported
 from pipeline.zo.methods.mezo import MeZO
 from pipeline.zo.noise import gaussian
 from pipeline.zo.seeds import name_key, step_seed
@@ -241,7 +242,7 @@ def test_non_finite_loss_skips_the_update_and_restores(tiny_model, tiny_batch):
 
 def test_replay_is_refused_with_a_reason(tiny_model):
     _, agzo = _setup(tiny_model, ["*"])
-    with pytest.raises(NotImplementedError, match="activation bases"):
+    with pytest.raises(ReplayUnsupported, match="activation bases"):
         agzo.replay({"step": 1, "seeds": [1, 2], "projected_grad": [0.1], "lr": 1e-3})
 
 

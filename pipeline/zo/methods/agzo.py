@@ -61,7 +61,7 @@ import torch
 
 from pipeline.zo import perturb
 from pipeline.zo.activations import RowCapture, linear_modules, per_rank_cap, subspace_bases
-from pipeline.zo.methods.base import StepContext, StepStats
+from pipeline.zo.methods.base import ReplayUnsupported, StepContext, StepStats
 from pipeline.zo.methods.lozo import low_rank_pieces
 from pipeline.zo.noise import gaussian, iter_blocks
 from pipeline.zo.perturb import f32
@@ -187,7 +187,7 @@ class AGZO:
         return StepStats(losses[0], [grad], forwards, seeds)
 
     def replay(self, record: dict[str, Any]) -> None:
-        raise NotImplementedError(
+        raise ReplayUnsupported(
             "AGZO cannot be replayed from its update log: each step's direction depends on the "
             "activation bases of that step's batch, which the log does not carry (too large: "
             "Σ in·r floats per step). Resume from a checkpoint instead."

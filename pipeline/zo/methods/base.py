@@ -13,6 +13,10 @@ from typing import Any, Protocol
 from pipeline.zo.shards import ParamShard
 
 
+class ReplayUnsupported(RuntimeError):
+    """A method whose update log does not define its updates (e.g. AGZO's activation bases)."""
+
+
 @dataclass
 class StepContext:
     step: int
