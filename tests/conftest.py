@@ -70,3 +70,18 @@ def tiny_job(tiny_model_dir):
     """Overrides that run the demo job on the tiny model and a small slice of the data."""
     return [f"model.name_or_path={tiny_model_dir}", "data.n_train=64", "data.n_val=16",
             "data.n_test=32", "train.batch_size=8", "method.lr=1e-3", "train.threads=1"]
+
+
+def run_method_ranks(out, nproc: int, backend: str, job: str, overrides: list[str], steps: int):
+    """Records of ``tests/workers/method_steps.py`` from each of ``nproc`` ranks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "workers" / "method_steps.py"
+    cmd = [str(worker), str(out), str(steps), job, *overrides, f"parallel.backend={backend}",
+           "tracking.enabled=false"]
+    if nproc > 1:
+        cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd]
+    subprocess.run([sys.executable, *cmd], check=True, timeout=600)
+    return [torch.load(p, weights_only=False) for p in sorted(Path(out).glob("rank*.pt"))]

@@ -1,22 +1,18 @@
 """ZO-Act: the coefficient adapter, the calibrated basis V, the estimate of ∇C, Adam on C,
 state, replay and 2 ranks.
 
-Run as a script (``python tests/test_zoact.py OUT STEPS CONFIG overrides...``, under torchrun for
-several ranks) it is the rank worker of the 2-rank test: it runs ZO-Act steps and saves, per
-rank, the losses, projected gradients, V and C.
+The 2-rank test runs tests/workers/method_steps.py under torchrun.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_batch
+from conftest import make_batch, run_method_ranks
 
 from pipeline.config import MethodConfig
 from pipeline.models.adapters import CoefficientAdapter
@@ -241,33 +237,8 @@ def test_non_finite_loss_skips_and_keeps_c(tiny_model, tiny_batch):
 
 # -- 2 ranks ----------------------------------------------------------------------------------
 
-def _worker(out: Path, steps: int, config: str, overrides: list[str]) -> None:
-    from pipeline.config import load_config
-    from pipeline.train import build
-
-    torch.set_num_threads(1)
-    cfg = load_config(config, overrides)
-    backend, method, data = build(cfg)
-    record = {"loss": [], "grad": []}
-    for step in range(steps):
-        batch = data.train_batch(step, cfg.train.batch_size, cfg.train.seed, backend.rank,
-                                 backend.world_size)
-        stats = method.step(StepContext(step, cfg.train.seed, cfg.method.lr, batch, backend))
-        record["loss"].append(stats.loss)
-        record["grad"].append(stats.projected_grad)
-    record.update(V=dict(method.V), C={n: c.clone() for n, c in method.C.items()})
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(record, out / f"rank{backend.rank}.pt")
-    backend.close()
-
-
 def _run(out: Path, nproc: int, backend: str, overrides: list[str], steps: int = 4):
-    cmd = [str(Path(__file__)), str(out), str(steps), "jobs/zoact.yaml", *overrides,
-           f"parallel.backend={backend}", "tracking.enabled=false"]
-    if nproc > 1:
-        cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd]
-    subprocess.run([sys.executable, *cmd], check=True, timeout=600)
-    return [torch.load(p, weights_only=False) for p in sorted(out.glob("rank*.pt"))]
+    return run_method_ranks(out, nproc, backend, "jobs/zoact.yaml", overrides, steps)
 
 
 @pytest.mark.slow
@@ -288,7 +259,3 @@ def test_two_ranks_hold_identical_v_and_c_and_track_one_process(backend, tiny_mo
     assert r0["loss"] == r1["loss"] and r0["grad"] == r1["grad"]
     assert max(abs(x - y) for x, y in zip(r0["loss"], one["loss"])) < 1e-5
 
-
-if __name__ == "__main__":
-    out_dir, n_steps, job, *rest = sys.argv[1:]
-    _worker(Path(out_dir), int(n_steps), job, rest)
