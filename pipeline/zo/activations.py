@@ -13,8 +13,13 @@ forwards being recorded and removed afterwards, copy each layer's input rows:
   LM head under ``logits_to_keep``, gets the mask's last columns);
 - at most ``cap`` rows per distinct input and forward are kept, a sample drawn without
   replacement from a generator seeded by ``(seed, group)``, so it is reproducible;
-- layers fed the same tensor (q/k/v, gate/up) share one row set, found by tensor identity within
-  a forward (a weak reference, so a freed tensor whose id is reused is not mistaken for it);
+- consecutive hooked layers fed the same data (q/k/v, gate/up) share one row set. "The same
+  data" is the same storage, offset, shape and stride as the previous hooked input, not the same
+  tensor object: DeepSpeed ZeRO-3's module hooks hand each layer a fresh ``detach()`` of its
+  input, so object identity would split q/k/v into three groups there and nowhere else (the
+  bases, their seeds and the row samples would then depend on the backend). The previous input
+  is held (a strong reference, one activation) until the next hooked layer runs, so its memory
+  cannot be reused by a different tensor with the same address;
 - rows are kept in the activations' own dtype on their device (no fp32 upcast of a layer's whole
   input); products upcast chunks of :data:`CHUNK` rows at a time.
 
@@ -40,7 +45,6 @@ rank.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
@@ -80,21 +84,21 @@ class RowCapture:
         self.group_of: dict[str, int] = {}  # module name -> group
         self.first: list[str] = []  # per group, its first module (the group's stable name)
         self.mask: torch.Tensor | None = None
-        self._seen: dict[int, tuple[weakref.ref, int]] = {}
+        self._last: tuple[tuple, torch.Tensor, int] | None = None  # (data key, input, group)
         self._forward = 0
 
     @contextmanager
     def record(self, mask: torch.Tensor | None) -> Iterator[RowCapture]:
         """Hooks on for the forwards inside the block; ``mask`` (B, T) marks real tokens."""
         self.mask = None if mask is None else mask.detach().to("cpu", torch.bool)
-        self._seen = {}
+        self._last = None
         handles = [m.register_forward_pre_hook(self._hook_for(n)) for n, m in self.modules.items()]
         try:
             yield self
         finally:
             for h in handles:
                 h.remove()
-            self._seen = {}
+            self._last = None
             self._forward += 1
 
     def _hook_for(self, name: str) -> Callable:
@@ -106,9 +110,9 @@ class RowCapture:
         return hook
 
     def _take(self, name: str, x: torch.Tensor) -> None:
-        seen = self._seen.get(id(x))
-        if seen is not None and seen[0]() is x:  # same tensor as an earlier layer: share
-            self.group_of.setdefault(name, seen[1])
+        key = (x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride())
+        if self._last is not None and self._last[0] == key:  # the previous layer's data: share
+            self.group_of.setdefault(name, self._last[2])
             return
         group = self.group_of.get(name)
         if group is None:
@@ -116,7 +120,7 @@ class RowCapture:
             self.rows.append([])
             self.first.append(name)
             self.group_of[name] = group
-        self._seen[id(x)] = (weakref.ref(x), group)
+        self._last = (key, x, group)
         self.rows[group].append(self._sample(x.detach(), group))
 
     def _row_mask(self, x: torch.Tensor) -> torch.Tensor | None:
