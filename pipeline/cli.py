@@ -190,11 +190,14 @@ def print_config(config, overrides):
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the Hugging Face model (safetensors + tokenizer).")
-def export(run_dir, out):
+@click.option("--adapter-only", is_flag=True,
+              help="ZO-Act: write the coefficients C and bases V alone (adapter.safetensors) "
+                   "instead of merging W + C Vᵀ into a full model.")
+def export(run_dir, out, adapter_only):
     """Write RUN_DIR's fine-tuned model as a Hugging Face model directory."""
     from pipeline.export import export_run
 
-    step = _guarded(export_run, run_dir, out)
+    step = _guarded(export_run, run_dir, out, adapter_only)
     click.echo(f"exported step {step} of {run_dir} to {out}")
 
 

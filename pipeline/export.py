@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from pipeline import checkpoint
@@ -24,8 +25,23 @@ def unsharded(cfg):
     return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, backend="single"))
 
 
-def export_run(run_dir: Path, out: Path) -> int:
-    """Write the fine-tuned model of ``run_dir`` to ``out``; returns the checkpoint's step."""
+def save_adapter(method, name_or_path: str, out: Path) -> None:
+    """An adapter-only export: ``adapter.safetensors`` and ``adapter_config.json`` (the method,
+    the base model, the layers and the rank), for a base that stays as published."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(method.adapter_tensors(), out / "adapter.safetensors")
+    meta = {"method": "zoact", "base_model": name_or_path, "layers": list(method.names),
+            "rank": method.rank, "forward": "y = W x + C (V^T x)"}
+    (out / "adapter_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def export_run(run_dir: Path, out: Path, adapter_only: bool = False) -> int:
+    """Write the fine-tuned model of ``run_dir`` to ``out``; returns the checkpoint's step.
+
+    ZO-Act runs train coefficients beside frozen weights: by default ``W + C Vᵀ`` is merged into
+    the exported model; ``adapter_only`` writes the coefficients and bases alone."""
     from pipeline.train import build_model
 
     found = checkpoint.latest(run_dir)
@@ -35,5 +51,16 @@ def export_run(run_dir: Path, out: Path) -> int:
     cfg = unsharded(load_config(path / "config.yaml"))
     backend, method = build_model(cfg)
     checkpoint.load(path, backend.shards(), method)
+    if hasattr(method, "adapter_tensors"):
+        if not method.calibrated:
+            raise RunDirError(f"{path} was taken during ZO-Act's calibration steps: there are no "
+                              "coefficients to export yet; train past method.zoact_calib_batches")
+        if adapter_only:
+            save_adapter(method, cfg.model.name_or_path, out)
+            return step
+        method.merge_into(backend.model)
+    elif adapter_only:
+        raise RunDirError(f"method {cfg.method.name} trains the model's own weights: it has no "
+                          "adapter to export alone (drop --adapter-only)")
     save_hf(backend.model, cfg.model.name_or_path, out)
     return step

@@ -259,3 +259,66 @@ def test_two_ranks_hold_identical_v_and_c_and_track_one_process(backend, tiny_mo
     assert r0["loss"] == r1["loss"] and r0["grad"] == r1["grad"]
     assert max(abs(x - y) for x, y in zip(r0["loss"], one["loss"])) < 1e-5
 
+
+
+# -- export -----------------------------------------------------------------------------------
+
+def test_merge_into_gives_a_plain_model_with_the_adapted_outputs(tiny_model, tiny_batch):
+    backend, method = _setup(tiny_model, zoact_rank=2, zoact_calib_batches=1)
+    method.calibrate(backend, [make_batch(seed=1)])
+    gen = torch.Generator().manual_seed(3)
+    for name in method.names:
+        method.C[name].copy_(torch.randn(method.C[name].shape, generator=gen) * 0.1)
+    method._set(None)
+    adapted = _logits(tiny_model, tiny_batch)
+    modules = dict(tiny_model.named_modules())
+    want = {n: modules[n].weight.detach() + method.C[n] @ method.V[n].T for n in method.names}
+    assert sorted(method.merge_into(tiny_model)) == sorted(method.names)
+    assert not method.adapters  # the hooks are gone: a plain model
+    for name, weight in want.items():
+        assert torch.equal(modules[name].weight.detach(), weight)
+    merged = _logits(tiny_model, tiny_batch)
+    assert (adapted - merged).abs().max().item() < 1e-4  # fp32 reassociation only
+    assert (adapted - _logits(_copy(tiny_model), tiny_batch)).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_export_merges_c_vt_or_writes_the_adapter_alone(tiny_job, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from pipeline import checkpoint
+
+    run = tmp_path / "run"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], text=True,
+                              capture_output=True, timeout=300)
+
+    done = cli("train", "jobs/zoact.yaml", *tiny_job, "train.steps=3", "method.lr=1e-2",
+               "method.zoact_calib_batches=1", "tracking.enabled=false",
+               "train.eval_zero_shot=false", "--run-dir", str(run), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    _, path = checkpoint.latest(run)
+    state = torch.load(path / "method.pt", weights_only=True)
+    assert any(c.abs().max() > 0 for c in state["C"].values())  # C was trained
+
+    done = cli("export", str(run), "--out", str(tmp_path / "merged"))
+    assert done.returncode == 0, done.stderr
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_job[0].split("=", 1)[1])
+                .named_parameters())
+    merged = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").named_parameters())
+    for name in state["names"]:
+        key = name + ".weight"
+        want = base[key].detach() + state["C"][name] @ state["V"][name].T
+        assert torch.equal(merged[key].detach(), want), name
+
+    done = cli("export", str(run), "--out", str(tmp_path / "adapter"), "--adapter-only")
+    assert done.returncode == 0, done.stderr
+    tensors = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
+    assert set(tensors) == {f"{n}.{k}" for n in state["names"] for k in "VC"}
+    assert all(torch.equal(tensors[f"{n}.C"], state["C"][n]) for n in state["names"])
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()

@@ -242,6 +242,33 @@ class ZOAct:
             )
         self._apply(record["seeds"], record["projected_grad"], record["lr"])
 
+    # -- export -----------------------------------------------------------------------------
+
+    def merge_into(self, model) -> list[str]:
+        """Write ``W + C Vᵀ`` (fp32 sum, cast to ``W``'s dtype) into each target layer of an
+        unsharded, unquantized ``model`` and remove the hooks: the result is a plain model
+        whose forward equals the adapted one's (to ``W``'s rounding). Returns the layers."""
+        self.detach()
+        modules = dict(model.named_modules())
+        for name in self.names:
+            weight = modules[name].weight
+            if not weight.is_floating_point() or weight.dtype.itemsize < 2:
+                raise ValueError(f"{name} has a {weight.dtype} (quantized) weight: C Vᵀ cannot "
+                                 "be merged into it; export the adapter alone (--adapter-only)")
+            merged = weight.detach().float() + self.C[name] @ self.V[name].T
+            with torch.no_grad():
+                weight.copy_(merged.to(weight.dtype))
+        return list(self.names)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """``{"<layer>.V": (in, r), "<layer>.C": (out, r)}`` fp32: the whole trained state
+        (copies: layers fed the same input share one ``V``, which safetensors refuses)."""
+        out = {}
+        for name in self.names:
+            out[f"{name}.V"] = self.V[name].clone()
+            out[f"{name}.C"] = self.C[name].detach().clone()
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         if not self.calibrated:
             return {"names": []}
