@@ -142,6 +142,9 @@ class PrecisionConfig:
 @dataclass
 class TrainConfig:
     steps: int = _opt(1000, "ZO steps", min=0)
+    max_forwards: int = _opt(
+        0, "forward-pass budget: stop before the first step that starts at or past it (0 = none);"
+        " compares methods at equal cost", min=0)
     batch_size: int = _opt(16, "examples per step (global)", min=1)
     seed: int = _opt(0, "run seed: data order and every direction derive from it", min=0)
     eval_every: int = _opt(0, "evaluate on eval_split every N steps (0 = only before/after)", min=0)

@@ -19,8 +19,8 @@ from pipeline.config import JobConfig, build
 from pipeline.stopping import STOPPED_FILE
 
 HARMLESS = (
-    "train.steps", "train.eval_every", "train.eval_split", "train.final_split",
-    "train.eval_zero_shot", "train.eval_batch_size", "train.threads",
+    "train.steps", "train.max_forwards", "train.eval_every", "train.eval_split",
+    "train.final_split", "train.eval_zero_shot", "train.eval_batch_size", "train.threads",
     "train.max_nonfinite_steps", "model.device", "checkpoint.", "tracking.",
 )
 RUN_FILES = ("metrics.jsonl", "update_log.jsonl")

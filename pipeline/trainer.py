@@ -136,6 +136,10 @@ class Trainer:
                    disable=not self.progress)
         try:
             for step in range(s.step, t.steps):
+                if t.max_forwards and s.forwards >= t.max_forwards:
+                    self._say(f"forward budget reached: {s.forwards} forward passes in {step} "
+                              "steps (train.max_forwards)")
+                    break
                 loss = self._step(step)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update(1)

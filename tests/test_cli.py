@@ -75,3 +75,18 @@ def test_train_then_eval_on_the_real_model(tmp_path):
     # The run directory now belongs to this run: another config is refused, naming what differs.
     again = runner.invoke(main, ["train", "jobs/demo.yaml", "--run-dir", str(run_dir)])
     assert again.exit_code == 1 and "data.n_train: 32 -> 1000" in again.output
+
+
+def test_forward_budget_stops_before_the_step_that_would_start_past_it(tiny_job, tmp_path):
+    """BSZO takes 3 forwards a step: a budget of 7 runs steps starting at 0, 3 and 6 forwards."""
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(
+        main, ["train", "jobs/demo.yaml", *tiny_job, "method.name=bszo", "train.steps=50",
+               "train.max_forwards=7", "train.eval_zero_shot=false", "tracking.enabled=false",
+               "--run-dir", str(run_dir), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "forward budget reached: 9 forward passes in 3 steps" in result.output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["forwards"] == 9
+    steps = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["forwards_total"] for r in steps] == [3, 6, 9]
