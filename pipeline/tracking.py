@@ -223,6 +223,9 @@ class Tracker:
     def _create(self, cfg, run_dir: Path) -> None:
         from mlflow.entities import Param
 
+        from pipeline.sweep import parent_run_id
+
+        parent = parent_run_id(self._client, lambda: self._experiment_id(cfg.tracking.experiment))
         experiment_id = self._experiment_id(cfg.tracking.experiment)
         tags = {
             "zo.method": cfg.method.name,
@@ -230,12 +233,13 @@ class Tracker:
             "precision": cfg.model.dtype,
             "run_dir": str(run_dir.resolve()),
         }
+        if parent:
+            tags["mlflow.parentRunId"] = parent  # a task of a sweep (pipeline.sweep)
         sha = git_sha()
         if sha:
             tags["git.sha"] = sha
         for tag, env in (
             ("slurm.job_id", "SLURM_JOB_ID"),
-            # Hooks for grouping sweeps (SLURM job arrays) later.
             ("slurm.array_job_id", "SLURM_ARRAY_JOB_ID"),
             ("slurm.array_task_id", "SLURM_ARRAY_TASK_ID"),
         ):
