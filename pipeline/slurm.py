@@ -26,7 +26,6 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import checkpoint
 from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.stopping import STOPPED_FILE
 
@@ -144,10 +143,15 @@ def _fill(template: str, values: dict[str, str]) -> str:
     return re.sub(r"{{(\w+)}}", sub, template)
 
 
+def _dquote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
 def _site_lines(site: Site) -> str:
     lines = [f"module load {shlex.quote(m)}" for m in site.modules]
     lines += site.setup
-    lines += [f"export {name}={shlex.quote(value)}" for name, value in site.env.items()]
+    # Double quotes: a value may use the job's environment ($USER, $SLURM_JOB_ID).
+    lines += [f'export {name}="{_dquote(value)}"' for name, value in site.env.items()]
     return "\n".join(lines) if lines else "# (no site setup lines)"
 
 
@@ -242,6 +246,8 @@ def _slurm_state(job_id: str) -> str:
 
 
 def _run_status(run_dir: Path) -> list[str]:
+    from pipeline import checkpoint  # imports torch: only for status
+
     lines = []
     found = checkpoint.latest(run_dir)
     steps = [json.loads(line).get("step", 0) for line in (run_dir / "metrics.jsonl").open()
