@@ -63,26 +63,40 @@ def _override(key: str, value) -> str:
     return f"{key}={text.removesuffix('...').strip()}"
 
 
-def parent_run_id(client, experiment_id: Callable[[], str]) -> str | None:
-    """The id of this sweep's parent run (created by the first task); None outside a sweep.
+def _sweep_dir() -> Path | None:
+    value = os.environ.get(SWEEP_DIR_ENV)
+    return Path(value) if value else None
 
-    ``experiment_id`` is called (creating the experiment if needed) only by the task that creates
-    the parent; the others wait for its id file, so one task at a time initialises the store.
-    """
-    sweep_dir = os.environ.get(SWEEP_DIR_ENV)
-    if not sweep_dir:
+
+def claim_parent() -> bool | None:
+    """Call before opening the tracking store. None outside a sweep; True for the one task that
+    creates the parent run; False for the others, after the parent exists (so one task at a time
+    initialises a fresh store: concurrent first opens of one SQLite file fail)."""
+    sweep_dir = _sweep_dir()
+    if sweep_dir is None:
         return None
-    sweep_dir = Path(sweep_dir)
     id_file, claim = sweep_dir / PARENT_FILE, sweep_dir / f"{PARENT_FILE}.claim"
     try:
         os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
     except FileExistsError:
-        deadline = time.monotonic() + PARENT_WAIT_S
-        while not id_file.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no parent run id in {id_file} after {PARENT_WAIT_S:.0f} s; "
-                                   f"remove {claim} if the task that claimed it died") from None
-            time.sleep(0.2)
+        pass
+    deadline = time.monotonic() + PARENT_WAIT_S
+    while not id_file.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no parent run id in {id_file} after {PARENT_WAIT_S:.0f} s; "
+                               f"remove {claim} if the task that claimed it died")
+        time.sleep(0.2)
+    return False
+
+
+def parent_run_id(client, experiment_id: Callable[[], str], first: bool | None) -> str | None:
+    """The sweep's parent run id (``first``: create it now); None outside a sweep."""
+    sweep_dir = _sweep_dir()
+    if first is None or sweep_dir is None:
+        return None
+    id_file = sweep_dir / PARENT_FILE
+    if not first:
         return id_file.read_text().strip()
     tags = {"zo.sweep": "parent", "run_dir": str(sweep_dir.resolve())}
     for tag, env in (("slurm.array_job_id", "SLURM_ARRAY_JOB_ID"),

@@ -64,8 +64,8 @@ def test_render_multi_node_script(tmp_path):
         "sbatch": ["--exclusive"], "srun": ["--container-image=/img.sqsh"], "cpus_per_rank": 4,
         "signal_lead": 600}))
     run_dir = tmp_path / "run"
-    out = render("jobs/demo.yaml", "parallel.backend=fsdp",
-                 "method.lr=2e-6", "train.batch_size=64", "--nodes", 4, "--gpus-per-node", 8, "--time", "12:00:00",
+    out = render("jobs/demo.yaml", "parallel.backend=fsdp", "method.lr=2e-6",
+                 "train.batch_size=64", "--nodes", 4, "--gpus-per-node", 8, "--time", "12:00:00",
                  "--partition", "big", "--site", site, "--run-dir", run_dir).stdout
     lines = out.splitlines()
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=32",
