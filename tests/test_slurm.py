@@ -293,3 +293,12 @@ def test_sweep_array_groups_child_runs_under_one_parent(local_slurm, job_args, t
     for task in (0, 1):
         run_id = (sweep_dir / f"task-{task}" / "mlflow_run_id").read_text().strip()
         assert run_id in {r.info.run_id for r in children}
+
+
+def test_local_slurm_scripts_refuse_without_root():
+    if os.geteuid() != 0 or not shutil.which("runuser"):
+        pytest.skip("needs root and runuser to run the scripts as another user")
+    for script in ("start.sh", "stop.sh"):
+        proc = subprocess.run(["runuser", "-u", "nobody", "--", str(ROOT / "slurm/local" / script)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and "must run as root" in proc.stderr, proc.stderr
