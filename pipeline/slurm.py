@@ -189,10 +189,12 @@ def render(config: str | Path, overrides: list[str], run_dir: Path, resources: R
         "srun_args": "".join(f" {shlex.quote(a)}" for a in site.srun),
         "python": site.python or shlex.quote(sys.executable),
     }
-    if sweep is None:
-        template = (TEMPLATES / "train.sbatch").read_text()
-    else:
-        template = (TEMPLATES / "sweep.sbatch").read_text()
+    name = "train.sbatch" if sweep is None else "sweep.sbatch"
+    if not (TEMPLATES / name).is_file():
+        raise SlurmError(f"{TEMPLATES / name} not found: the templates ship with the repository; "
+                         "install from a clone (pip install -e .)")
+    template = (TEMPLATES / name).read_text()
+    if sweep is not None:
         values.update(
             sweep_dir=values.pop("run_dir"),
             last_task=str(len(sweep) - 1),
