@@ -277,5 +277,86 @@ def assets(cache):
     click.echo(f"model: {paths.model_dir}\ndata:  {paths.rotten_tomatoes_csv}")
 
 
+@main.group()
+def slurm() -> None:
+    """Batch jobs on a SLURM cluster: render, submit, status (cluster settings: --site)."""
+
+
+def _slurm_job_options(fn):
+    options = [
+        config_arg, overrides_arg,
+        click.option("--nodes", type=int, default=1, show_default=True),
+        click.option("--gpus-per-node", type=int, default=0, show_default=True),
+        click.option("--ntasks-per-node", type=int,
+                     help="Ranks per node (default: --gpus-per-node, or 1 on CPU)."),
+        click.option("--time", help="Time limit, e.g. 12:00:00 (default: the site's)."),
+        click.option("--partition", help="Partition (default: the site's)."),
+        click.option("--site", type=click.Path(dir_okay=False, exists=True),
+                     help="Site config (default: $ZOPIPE_SLURM_SITE; see "
+                          "slurm/site.example.yaml)."),
+        click.option("--sweep", type=click.Path(dir_okay=False, exists=True),
+                     help="Sweep file (grid/runs of overrides): a job array, a task per set."),
+        click.option("--parallel", type=int, default=0,
+                     help="With --sweep: at most this many tasks at once (0: no limit)."),
+        click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+                     help="Run directory (sweep: the directory of task-<i>); default runs/..."),
+        click.option("--job-name", help="SLURM job name (default zo-<method>-<task>)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _slurm_script(config, overrides, nodes, gpus_per_node, ntasks_per_node, time, partition,
+                  site, sweep, parallel, run_dir, job_name):
+    from pipeline import slurm as sl
+    from pipeline.sweep import expand_sweep
+
+    cfg_overrides = list(overrides)
+    _config(config, overrides)  # config errors first, all at once
+    try:
+        sets = expand_sweep(sweep) if sweep else None
+        run_dir = (run_dir or sl.default_run_dir(config, cfg_overrides, bool(sweep))).resolve()
+        resources = sl.Resources(nodes, gpus_per_node, ntasks_per_node, time, partition)
+        script = sl.render(config, cfg_overrides, run_dir, resources, sl.load_site(site),
+                           sweep=sets, parallel=parallel, job_name=job_name)
+    except ValueError as exc:  # SlurmError, SweepError
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    return script, run_dir
+
+
+@slurm.command(name="render")
+@_slurm_job_options
+def slurm_render(**kwargs):
+    """Print the batch script of CONFIG [section.key=value ...]."""
+    script, _ = _slurm_script(**kwargs)
+    click.echo(script, nl=False)
+
+
+@slurm.command(name="submit")
+@_slurm_job_options
+def slurm_submit(**kwargs):
+    """Render the batch script and sbatch it; prints the job id and the run directory."""
+    from pipeline.slurm import SlurmError, submit
+
+    script, run_dir = _slurm_script(**kwargs)
+    try:
+        job_id = submit(script, run_dir)
+    except SlurmError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"submitted job {job_id}\nrun directory: {run_dir}")
+
+
+@slurm.command(name="status")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+def slurm_status(run_dir):
+    """SLURM state, step reached and MLflow run of RUN_DIR (each task of a sweep)."""
+    from pipeline.slurm import status
+
+    click.echo(status(run_dir))
+
+
 if __name__ == "__main__":
     main()

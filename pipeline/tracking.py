@@ -178,11 +178,14 @@ class Tracker:
             run_dir.mkdir(parents=True, exist_ok=True)
             from mlflow import MlflowClient
 
+            from pipeline.sweep import claim_parent
+
+            first_in_sweep = claim_parent()  # None outside a sweep (SLURM job array)
             tracker._client = MlflowClient(tracking_uri=uri)
             tracker._finished = False
             run_id = read_run_id(run_dir)
             if run_id is None or not tracker._continue(run_id, resume):
-                tracker._create(cfg, run_dir)
+                tracker._create(cfg, run_dir, first_in_sweep)
         except Exception as exc:  # tracking must never break training
             tracker._disable(exc)
             return tracker
@@ -220,9 +223,13 @@ class Tracker:
                 self._forwards_total = last.value
         return True
 
-    def _create(self, cfg, run_dir: Path) -> None:
+    def _create(self, cfg, run_dir: Path, first_in_sweep: bool | None = None) -> None:
         from mlflow.entities import Param
 
+        from pipeline.sweep import parent_run_id
+
+        parent = parent_run_id(self._client, lambda: self._experiment_id(cfg.tracking.experiment),
+                               first_in_sweep)
         experiment_id = self._experiment_id(cfg.tracking.experiment)
         tags = {
             "zo.method": cfg.method.name,
@@ -230,12 +237,13 @@ class Tracker:
             "precision": cfg.model.dtype,
             "run_dir": str(run_dir.resolve()),
         }
+        if parent:
+            tags["mlflow.parentRunId"] = parent  # a task of a sweep (pipeline.sweep)
         sha = git_sha()
         if sha:
             tags["git.sha"] = sha
         for tag, env in (
             ("slurm.job_id", "SLURM_JOB_ID"),
-            # Hooks for grouping sweeps (SLURM job arrays) later.
             ("slurm.array_job_id", "SLURM_ARRAY_JOB_ID"),
             ("slurm.array_task_id", "SLURM_ARRAY_TASK_ID"),
         ):
