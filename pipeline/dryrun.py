@@ -15,9 +15,12 @@ fake process group (``torch.testing._internal.distributed.fake_pg``): this proce
    partition size ``p.ds_tensor.ds_numel`` with the backend's :func:`owned_range`, and DTensor's
    ``Shard(0)`` chunking; rank 0's are checked against the backend's real ParamShards.
 3. **One step of the method** runs on rank 0's shards (as meta views, with meta fp32 masters when
-   the job has them), with a loss that computes no forward: it feeds zero activations of the
-   micro-batch's shape to the pipeline's own forward hooks (AGZO's and ZO-Act's activation
-   capture, ZO-Act's adapters; never the backend's gather hooks) and returns 0. The noise blocks
+   the job has them), with a loss that computes no forward: it feeds zero activations (the
+   micro-batch's rows, one position each, as a layer that sees only the last positions) to the
+   pipeline's own forward hooks on ``nn.Linear`` modules (AGZO's and ZO-Act's activation capture,
+   ZO-Act's adapters; never the backend's gather hooks) and returns 0. Each layer gets its own
+   input tensor, so the sizes of AGZO's basis all-reduces are upper bounds (in a real forward
+   q/k/v share one input); their number is exact. The noise blocks
    are recorded, not drawn. Every ``torch.distributed`` collective the step issues is counted with
    its element count; under the fake group an all-gather returns this rank's tensor from every
    rank. A method that calibrates first (ZO-Act) runs its calibration steps, and the step
@@ -173,9 +176,9 @@ class _Batch:
 class _DryBackend:
     """The real backend, with a loss that runs no forward (see the module docstring)."""
 
-    def __init__(self, backend, micro_batch: int, tokens: int):
+    def __init__(self, backend, micro_batch: int):
         self._backend = backend
-        self._shape = (micro_batch, tokens)
+        self._shape = (micro_batch, 1)
         self.forwards = 0
 
     def __getattr__(self, name):
@@ -283,7 +286,7 @@ def dry_run(cfg, *, max_calibration: int = 64) -> DryRun:
         model_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                            for p in backend.model.parameters())
         method = build_method(cfg, [_meta_view(s) for s in shards])
-        dry = _DryBackend(backend, cfg.train.batch_size // world, cfg.data.max_length)
+        dry = _DryBackend(backend, cfg.train.batch_size // world)
         batch = _Batch(torch.ones(cfg.train.batch_size // world, cfg.data.max_length,
                                   dtype=torch.bool))
         blocks: Counter = Counter()
@@ -312,9 +315,10 @@ def dry_run(cfg, *, max_calibration: int = 64) -> DryRun:
 def format_dry_run(run: DryRun, job: str) -> str:
     ops = Counter(c["op"] for c in run.collectives)
     elements = sorted(set(run.rank_elements))
+    where = ("one process" if run.backend == "single"
+             else f"a fake process group of {run.world} rank(s)")
     lines = [
-        f"dry run of {job}: backend {run.backend} on a fake process group of {run.world} "
-        f"rank(s); nothing computed",
+        f"dry run of {job}: backend {run.backend} on {where}; nothing computed",
         f"parameters: {run.total_params:,} in the model, {run.trainable_params:,} trainable in "
         f"{len(run.shard_names)} shards",
         f"per-rank trainable elements: min {min(run.rank_elements):,}, max "

@@ -1,4 +1,4 @@
-"""``zopipe plan``: per-GPU memory of a job, from the model's config.json alone (no weights, no GPU).
+"""``zopipe plan``: per-GPU memory of a job from the model's config.json alone (no weights, GPU).
 
 The model is built on the meta device (:mod:`pipeline.models.meta`), so the parameter counts are
 the real ones. The memory figures are arithmetic over those shapes, per rank, for each backend:
