@@ -83,12 +83,13 @@ def train(config, overrides, run_dir, no_progress, nproc_per_node, dry_run):
 
     cfg = _config(config, overrides)
     if dry_run:
+        from pipeline.dryrun import DryRunError, format_dry_run
         from pipeline.dryrun import dry_run as run_dry
-        from pipeline.dryrun import format_dry_run
+        from pipeline.parallel.zero3 import Zero3ConfigError
 
         try:
             result = _guarded(run_dry, cfg)
-        except ValueError as exc:
+        except (DryRunError, Zero3ConfigError) as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
         click.echo(format_dry_run(result, config))

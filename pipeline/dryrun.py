@@ -50,6 +50,10 @@ COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast"
                "barrier")
 
 
+class DryRunError(ValueError):
+    """A job that cannot be dry-run as configured; the message says what to change."""
+
+
 @dataclass
 class DryRun:
     backend: str
@@ -69,11 +73,14 @@ class DryRun:
         return sum(self.rank_elements)
 
 
+ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _fake_group(world: int, rank: int = 0) -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
-        raise RuntimeError("a dry run needs a process without a process group; run it outside "
+        raise DryRunError("a dry run needs a process without a process group; run it outside "
                            "torchrun")
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
@@ -261,12 +268,13 @@ def dry_run(cfg, *, max_calibration: int = 64) -> DryRun:
     world = cfg.parallel.nodes * cfg.parallel.gpus_per_node
     backend_name = cfg.parallel.backend
     if backend_name == "single" and world > 1:
-        raise ValueError(f"parallel.backend=single runs one rank, but parallel.nodes x "
+        raise DryRunError(f"parallel.backend=single runs one rank, but parallel.nodes x "
                          f"gpus_per_node = {world}; set both to 1 or use fsdp/zero3")
     if cfg.train.batch_size % world:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
+        raise DryRunError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
                          f"world size {world}")
     backend = None
+    saved_env = {k: os.environ.get(k) for k in ENV}
     try:
         if backend_name == "fsdp":
             _fake_group(world)
@@ -310,6 +318,11 @@ def dry_run(cfg, *, max_calibration: int = 64) -> DryRun:
             backend.close()
         elif dist.is_initialized():
             dist.destroy_process_group()
+        for key, value in saved_env.items():  # the fake group's rendezvous variables go
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def format_dry_run(run: DryRun, job: str) -> str:

@@ -143,8 +143,16 @@ def test_plan_bad_input_gives_clear_errors(args, code, message):
     assert "Traceback" not in result.output
 
 
-def test_dry_run_bad_world_size_is_a_clear_error():
-    job = str(RECIPES / "opt-13b-mezo-fp16-zero3.yaml")
-    result = CliRunner().invoke(main, ["train", job, "train.batch_size=6", "--dry-run"])
-    assert result.exit_code == 1
-    assert "train.batch_size=6 must be a multiple of the world size 4" in result.output
+@pytest.mark.parametrize("recipe, args, message", [
+    ("opt-13b-mezo-fp16-zero3", ["train.batch_size=6"],
+     "train.batch_size=6 must be a multiple of the world size 4"),
+    ("opt-13b-bszo-bf16-fsdp", ["model.config_for_planning=jobs/models/nope"],
+     "model.config_for_planning='jobs/models/nope': no config.json there"),
+])
+def test_dry_run_bad_input_is_a_clear_error(recipe, args, message):
+    job = str(RECIPES / f"{recipe}.yaml")
+    result = CliRunner().invoke(main, ["train", job, *args, "--dry-run"])
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert "RANK" not in os.environ  # the fake group's variables do not leak
