@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from pipeline.models.meta import hf_config, meta_model
 from pipeline.parallel import trainable_names, wants_master
+from pipeline.plan import DTYPE_BYTES
 from pipeline.zo import noise
 from pipeline.zo.methods import StepContext, build_method
 
@@ -63,6 +64,8 @@ class DryRun:
     rank_elements: list[int]  # per rank: trainable elements it holds (its shards)
     rank_blocks: list[int]  # per rank: noise blocks one regeneration of its shards draws
     backend_elements: int  # rank 0's elements as the backend's ParamShards report them
+    stored_elements: int  # rank 0's storage of every parameter (frozen ones, padding included)
+    dtype: str
     forwards: int
     calibration_steps: int
     collectives: list[dict] = field(default_factory=list)  # the reported step's, in order
@@ -210,6 +213,13 @@ class _DryBackend:
         return torch.zeros((), dtype=torch.float32)
 
 
+def _stored(p) -> int:
+    """Elements this rank stores of ``p``: its ZeRO-3 partition, its FSDP2 local shard, or all."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor.ds_numel
+    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+
+
 def _ours(hook) -> bool:
     return getattr(hook, "__module__", "").startswith("pipeline.")
 
@@ -293,6 +303,7 @@ def dry_run(cfg, *, max_calibration: int = 64) -> DryRun:
                        for r in range(world)]
         model_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                            for p in backend.model.parameters())
+        stored = sum(_stored(p) for p in backend.model.parameters())
         method = build_method(cfg, [_meta_view(s) for s in shards])
         dry = _DryBackend(backend, cfg.train.batch_size // world)
         batch = _Batch(torch.ones(cfg.train.batch_size // world, cfg.data.max_length,
@@ -310,7 +321,8 @@ def dry_run(cfg, *, max_calibration: int = 64) -> DryRun:
         return DryRun(
             backend=backend_name, world=world, total_params=model_params, shard_names=names,
             rank_elements=rank_elements, rank_blocks=rank_blocks,
-            backend_elements=sum(s.numel for s in shards), forwards=dry.forwards,
+            backend_elements=sum(s.numel for s in shards), stored_elements=stored,
+            dtype=cfg.model.dtype, forwards=dry.forwards,
             calibration_steps=step, collectives=list(calls), noise_blocks=Counter(blocks),
         )
     finally:
@@ -335,8 +347,10 @@ def format_dry_run(run: DryRun, job: str) -> str:
         f"parameters: {run.total_params:,} in the model, {run.trainable_params:,} trainable in "
         f"{len(run.shard_names)} shards",
         f"per-rank trainable elements: min {min(run.rank_elements):,}, max "
-        f"{max(run.rank_elements):,} ({len(elements)} distinct sizes); rank 0's backend shards "
+        f"{max(run.rank_elements):,} ({len(elements)} distinct size(s)); rank 0's backend shards "
         f"hold {run.backend_elements:,}",
+        f"rank 0 stores {run.stored_elements:,} elements of the model "
+        f"({run.stored_elements * DTYPE_BYTES[run.dtype] / 1024**3:.2f} GiB in {run.dtype})",
         f"per-rank noise blocks per regeneration (2^{noise.BLOCK.bit_length() - 1} elements): "
         f"min {min(run.rank_blocks):,}, max {max(run.rank_blocks):,}",
     ]

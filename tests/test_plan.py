@@ -90,7 +90,7 @@ DRY = textwrap.dedent("""
     print("RESULT " + json.dumps({
         "total": run.total_params, "rank_elements": run.rank_elements,
         "rank_blocks": run.rank_blocks, "backend_elements": run.backend_elements,
-        "forwards": run.forwards, "collectives": run.collectives,
+        "stored": run.stored_elements, "forwards": run.forwards, "collectives": run.collectives,
         "drawn": sum(run.noise_blocks.values()), "distinct": len(run.noise_blocks)}))
 """)
 
@@ -112,6 +112,10 @@ def test_dry_run_of_13b_recipes(recipe, forwards, gathered):
     assert len(run["rank_elements"]) == 4
     assert run["backend_elements"] == run["rank_elements"][0]
     assert run["forwards"] == forwards
+    # the planner's weights line is what the real backend stores on rank 0
+    cfg = load_config(RECIPES / f"{recipe}.yaml")
+    plan = make_plan(cfg)
+    assert plan.memory[cfg.parallel.backend]["weights"] == run["stored"] * 2
     assert run["collectives"] == [{"op": "all_gather", "numel": gathered}]
     if recipe.startswith("opt-13b-mezo"):
         # fp32 masters: +εz, -εz and the fused update regenerate z (the restore is a copy)
