@@ -268,9 +268,10 @@ def _recording(blocks: Counter, calls: list[dict]):
             setattr(dist, name, fn)
 
 
-def _blocks_of(ranges: list[tuple[int, int]], totals: list[int]) -> int:
+def _blocks_of(ranges: list[tuple[int, int]]) -> int:
+    """Noise blocks that one regeneration over these ``(start, count)`` ranges draws."""
     return sum((start + n - 1) // noise.BLOCK - start // noise.BLOCK + 1
-               for (start, n), _ in zip(ranges, totals) if n > 0)
+               for start, n in ranges if n > 0)
 
 
 def dry_run(cfg, *, max_calibration: int = 64) -> DryRun:
@@ -294,13 +295,11 @@ def dry_run(cfg, *, max_calibration: int = 64) -> DryRun:
         else:
             backend, names, per_rank = _single(cfg)
         shards = backend.shards()
-        totals = [s.total for s in shards]
         mine = [(s.start, s.numel) for s in shards]
         if mine != [ranges[0] for ranges in per_rank]:
             raise RuntimeError("the backend's shards of rank 0 differ from the partition rule")
         rank_elements = [sum(ranges[r][1] for ranges in per_rank) for r in range(world)]
-        rank_blocks = [_blocks_of([ranges[r] for ranges in per_rank], totals)
-                       for r in range(world)]
+        rank_blocks = [_blocks_of([ranges[r] for ranges in per_rank]) for r in range(world)]
         model_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                            for p in backend.model.parameters())
         stored = sum(_stored(p) for p in backend.model.parameters())
@@ -326,9 +325,9 @@ def dry_run(cfg, *, max_calibration: int = 64) -> DryRun:
             calibration_steps=step, collectives=list(calls), noise_blocks=Counter(blocks),
         )
     finally:
-        if backend is not None and hasattr(backend, "close") and backend_name != "single":
+        if backend is not None:
             backend.close()
-        elif dist.is_initialized():
+        if dist.is_initialized():  # the backend failed to build on the fake group
             dist.destroy_process_group()
         for key, value in saved_env.items():  # the fake group's rendezvous variables go
             if value is None:
