@@ -96,11 +96,12 @@ DRY = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, forwards, gathered", [
-    ("opt-13b-mezo-fp16-zero3", 2, 2),  # MeZO: L+ and L-, one all-gather of both
-    ("opt-13b-bszo-bf16-fsdp", 3, 3),  # BSZO k=2: L0, L1, L2, one all-gather of k+1
+@pytest.mark.parametrize("recipe, forwards, bases, gathered", [
+    ("opt-13b-mezo-fp16-zero3", 2, 0, 2),  # MeZO: L+ and L-, one all-gather of both
+    ("opt-13b-bszo-bf16-fsdp", 3, 0, 3),  # BSZO k=2: L0, L1, L2, one all-gather of k+1
+    ("opt-13b-agzo-bf16-zero3", 2, 3, 2),  # AGZO: K=3 basis all-gathers, then L0 and L+
 ])
-def test_dry_run_of_13b_recipes(recipe, forwards, gathered):
+def test_dry_run_of_13b_recipes(recipe, forwards, bases, gathered):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", DRY, str(RECIPES / f"{recipe}.yaml")],
                           capture_output=True, text=True, env=env, timeout=600, check=False)
@@ -116,7 +117,10 @@ def test_dry_run_of_13b_recipes(recipe, forwards, gathered):
     cfg = load_config(RECIPES / f"{recipe}.yaml")
     plan = make_plan(cfg)
     assert plan.memory[cfg.parallel.backend]["weights"] == run["stored"] * 2
-    assert run["collectives"] == [{"op": "all_gather", "numel": gathered}]
+    assert [c["op"] for c in run["collectives"]] == ["all_gather"] * (bases + 1)
+    assert run["collectives"][-1]["numel"] == gathered
+    # AGZO's basis products: r = 1 value per input feature of every hooked linear layer
+    assert all(c["numel"] == 40 * (5 * 5120 + 20480) for c in run["collectives"][:bases])
     if recipe.startswith("opt-13b-mezo"):
         # fp32 masters: +εz, -εz and the fused update regenerate z (the restore is a copy)
         assert run["distinct"] == run["rank_blocks"][0]
