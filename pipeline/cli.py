@@ -72,12 +72,28 @@ nproc_option = click.option(
               help="Where the run writes its files (default: runs/<time>-<method>-<task>).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in batch logs).")
 @nproc_option
-def train(config, overrides, run_dir, no_progress, nproc_per_node):
+@click.option("--dry-run", is_flag=True,
+              help="Shard the model (built from model.config_for_planning on the meta device) "
+                   "on a fake process group of parallel.nodes x gpus_per_node ranks and run one "
+                   "step's bookkeeping without a forward; report shards and collectives.")
+def train(config, overrides, run_dir, no_progress, nproc_per_node, dry_run):
     """Fine-tune with a ZO method: CONFIG [section.key=value ...]."""
     from pipeline.parallel.distributed import launched_by_torchrun
     from pipeline.train import default_run_dir
 
     cfg = _config(config, overrides)
+    if dry_run:
+        from pipeline.dryrun import DryRunError, format_dry_run
+        from pipeline.dryrun import dry_run as run_dry
+        from pipeline.parallel.zero3 import Zero3ConfigError
+
+        try:
+            result = _guarded(run_dry, cfg)
+        except (DryRunError, Zero3ConfigError) as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        click.echo(format_dry_run(result, config))
+        return
     if run_dir is None:
         if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
             raise click.UsageError("under torchrun/srun every rank needs the same --run-dir")
@@ -264,6 +280,29 @@ def check_sharding(config, overrides, nproc_per_node, steps, backends, out):
     if any(d["perturbation"] != 0 for d in report.values()):
         click.echo("Error: a perturbation differs from the single-process one", err=True)
         sys.exit(1)
+
+
+@main.command()
+@config_arg
+@overrides_arg
+@click.option("--nodes", type=click.IntRange(min=1), default=None,
+              help="Nodes (default: the job's parallel.nodes).")
+@click.option("--gpus-per-node", type=click.IntRange(min=1), default=None,
+              help="GPUs per node (default: the job's parallel.gpus_per_node).")
+@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), default=80.0,
+              show_default=True, help="Memory of one GPU, GiB.")
+def plan(config, overrides, nodes, gpus_per_node, gpu_memory):
+    """Per-GPU memory of a job, from the model's config.json alone (no weights, no GPU)."""
+    from pipeline.plan import PlanError, format_plan, make_plan
+
+    cfg = _config(config, overrides)
+    try:
+        result = _guarded(make_plan, cfg, nodes=nodes, gpus_per_node=gpus_per_node,
+                          gpu_memory_gib=gpu_memory)
+    except PlanError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(format_plan(result))
 
 
 @main.command()

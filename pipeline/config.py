@@ -54,6 +54,11 @@ class ModelConfig:
         ["*"], "fnmatch patterns of parameter names to train (e.g. '*.self_attn.q_proj.weight')"
     )
     device: str = _opt("auto", "where the model runs", choices=["auto", "cpu", "cuda"])
+    config_for_planning: str | None = _opt(
+        None, "directory with the model's config.json for zopipe plan and train --dry-run (no "
+        "weights, nothing downloaded; relative paths also resolve from the repository root); "
+        "default: model.name_or_path when it is a local directory"
+    )
 
 
 @dataclass
@@ -177,6 +182,10 @@ class ParallelConfig:
     )
     ds_config: str | None = _opt(
         None, "DeepSpeed config for zero3 (default ds_configs/zero3_<dtype>.json)"
+    )
+    nodes: int = _opt(1, "nodes the job is sized for (zopipe plan, train --dry-run)", min=1)
+    gpus_per_node: int = _opt(
+        1, "GPUs (ranks) per node the job is sized for (zopipe plan, train --dry-run)", min=1
     )
 
 

@@ -1,0 +1,285 @@
+"""``zopipe plan``: per-GPU memory of a job from the model's config.json alone (no weights, GPU).
+
+The model is built on the meta device (:mod:`pipeline.models.meta`), so the parameter counts are
+the real ones. The memory figures are arithmetic over those shapes, per rank, for each backend:
+
+- **weights**: this rank's share in the storage dtype. ZeRO-3 holds ``ceil(N / W)`` elements of
+  every parameter (its partition, padding included); FSDP2 ``ceil(d0 / W)`` rows (rank 0 holds
+  the most); single, everything. NF4 (``model.quantization: nf4``): the ``nn.Linear`` weights of the
+  transformer blocks take 4 bits plus one fp32 absmax per 64 values (bitsandbytes without double
+  quantization); the rest stays 16-bit.
+- **gathered for the forward**: full parameters alive during a forward. FSDP2 keeps the root
+  unit (embeddings, final norm, LM head) gathered for the whole forward plus two blocks (the
+  running one and the prefetched next); ZeRO-3 gathers module by module, about two blocks, or one
+  block plus the largest root parameter.
+- **fp32 masters**: 4 bytes per local trainable element when ``precision.master_weights`` asks.
+- **method state**: ZO-Adam's two fp32 moments per trainable element; LOZO's factors; AGZO's bases,
+  ``R`` factors and activation row samples (each hooked layer counted as its own input: an upper
+  bound, q/k/v share one in the real run); ZO-Act's ``V``, ``C``, Adam moments and calibration rows.
+  MeZO and BSZO keep nothing of parameter size.
+- **activations**: a forward without autograd keeps one block's activations at a time:
+  ``b·T·(6h + 3f)`` values for micro-batch ``b`` (training or evaluation, the larger), ``T =
+  data.max_length``, hidden ``h`` and MLP width ``f``, plus the fp32 logits of the kept position
+  (the loss reads one position per row for single-token candidates).
+- **runtime**: CUDA context, NCCL buffers and allocator slack, an assumed 1.5 GiB.
+
+The verdict compares the total with the GPU memory: ``fits`` up to 90 %, ``tight`` up to 100 %.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.models.meta import hf_config, meta_model, planning_config_dir
+from pipeline.models.selection import select_trainable
+from pipeline.parallel import wants_master
+from pipeline.zo.activations import per_rank_cap
+
+GiB = 1024**3
+RUNTIME_BYTES = int(1.5 * GiB)
+NF4_BYTES = 0.5 + 4 / 64  # 4-bit code + an fp32 absmax per block of 64
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+BACKENDS = ("zero3", "fsdp", "single")
+LINES = ("weights", "gathered", "masters", "method", "activations", "runtime")
+LABELS = {
+    "weights": "weights ({})",
+    "gathered": "gathered for the forward",
+    "masters": "fp32 master weights",
+    "method": "method state ({})",
+    "activations": "activations (forward only)",
+    "runtime": "runtime (CUDA, NCCL; assumed)",
+}
+
+
+class PlanError(ValueError):
+    """A job that cannot be planned; the message says what to change."""
+
+
+@dataclass
+class Param:
+    name: str
+    shape: tuple[int, ...]
+    block: int | None  # index of the transformer block holding it, None for root parameters
+    quantizable: bool  # an nn.Linear weight inside a block (what bitsandbytes quantizes)
+    trainable: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def local(self, backend: str, world: int) -> int:
+        """Elements this rank stores (the largest share)."""
+        if backend == "zero3":
+            return -(-self.numel // world)
+        if backend == "fsdp" and self.shape:
+            return -(-self.shape[0] // world) * (self.numel // max(self.shape[0], 1))
+        return self.numel
+
+
+@dataclass
+class Plan:
+    model: str
+    config_dir: str
+    nodes: int
+    gpus_per_node: int
+    backend: str
+    dtype: str
+    quantization: str | None
+    method: str
+    total_params: int
+    trainable_params: int
+    trainable_what: str
+    micro_batch: int
+    tokens: int
+    gpu_memory_gib: float
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)  # backend -> line -> bytes
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def total(self, backend: str) -> int:
+        return sum(self.memory[backend].values())
+
+    def verdict(self, backend: str) -> str:
+        share = self.total(backend) / (self.gpu_memory_gib * GiB)
+        if share <= 0.9:
+            return f"fits ({share:.0%})"
+        return f"tight ({share:.0%})" if share <= 1.0 else f"does not fit ({share:.0%})"
+
+
+def _blocks(model) -> list[torch.nn.Module]:
+    from pipeline.parallel.fsdp import _blocks as blocks
+
+    return blocks(model)
+
+
+def inventory(model, patterns: list[str]) -> list[Param]:
+    block_of = {id(p): i for i, b in enumerate(_blocks(model)) for p in b.parameters()}
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    trainable = {n for n, _ in select_trainable(model, patterns)}
+    return [Param(n, tuple(p.shape), block_of.get(id(p)), id(p) in linear and id(p) in block_of,
+                  n in trainable)
+            for n, p in model.named_parameters()]
+
+
+def _widths(hf_cfg, model) -> tuple[int, int, int]:
+    """Hidden size, MLP width and vocabulary size."""
+    hidden = hf_cfg.hidden_size
+    mlp = getattr(hf_cfg, "intermediate_size", None) or getattr(hf_cfg, "ffn_dim", None)
+    if mlp is None:
+        mlp = max(m.out_features for m in _blocks(model)[0].modules()
+                  if isinstance(m, torch.nn.Linear))
+    return hidden, mlp, hf_cfg.vocab_size
+
+
+def _linears(model, patterns) -> list[torch.nn.Linear]:
+    from pipeline.zo.activations import linear_modules
+
+    return list(linear_modules(model, patterns=patterns).values())
+
+
+def _method_state(cfg, model, params: list[Param], backend: str, world: int,
+                  act_bytes: int) -> tuple[int, int | None]:
+    """Bytes of the method's state on one rank, and its trainable count when it is not the
+    model's parameters (ZO-Act's coefficients)."""
+    m = cfg.method
+    local_trainable = sum(p.local(backend, world) for p in params if p.trainable)
+    if m.name == "zo_adam":
+        return 2 * 4 * local_trainable, None
+    if m.name == "bszo":
+        k = max(m.bszo_k, m.bszo_m)
+        return 8 * (k * k + 2 * k), None
+    if m.name == "lozo":
+        return sum(4 * (p.shape[0] + p.shape[1]) * m.lozo_rank
+                   for p in params if p.trainable and len(p.shape) == 2), None
+    if m.name == "agzo":
+        names = {p.name for p in params if p.trainable}
+        hooked = [mod for name, mod in model.named_modules()
+                  if isinstance(mod, torch.nn.Linear) and f"{name}.weight" in names]
+        inputs = sum(mod.in_features for mod in hooked)
+        outputs = sum(mod.out_features for mod in hooked)
+        rows = per_rank_cap(m.agzo_max_rows, world)
+        return 4 * m.agzo_rank * (inputs + outputs) + rows * inputs * act_bytes, None
+    if m.name == "zoact":
+        targets = _linears(model, list(m.zoact_targets))
+        inputs = sum(mod.in_features for mod in targets)
+        coefficients = sum(mod.out_features for mod in targets) * m.zoact_rank
+        rows = per_rank_cap(m.zoact_max_rows, world * m.zoact_calib_batches)
+        calib = rows * m.zoact_calib_batches * inputs * act_bytes
+        return 4 * (m.zoact_rank * inputs + 3 * coefficients) + calib, coefficients
+    return 0, None
+
+
+def _weights(params: list[Param], backend: str, world: int, dtype_bytes: int, nf4: bool) -> int:
+    total = 0.0
+    for p in params:
+        per = NF4_BYTES if nf4 and p.quantizable else dtype_bytes
+        total += p.local(backend, world) * per
+    return int(total)
+
+
+def _gathered(params: list[Param], backend: str, dtype_bytes: int) -> int:
+    if backend == "single":
+        return 0
+    blocks: dict[int, int] = {}
+    for p in params:
+        if p.block is not None:
+            blocks[p.block] = blocks.get(p.block, 0) + p.numel
+    block = max(blocks.values(), default=0) * dtype_bytes
+    root = [p.numel * dtype_bytes for p in params if p.block is None]
+    if backend == "fsdp":
+        return sum(root) + 2 * block
+    return max(2 * block, max(root, default=0) + block)
+
+
+def make_plan(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None,
+              gpu_memory_gib: float = 80.0) -> Plan:
+    """The memory plan of job ``cfg`` on ``nodes`` x ``gpus_per_node`` ranks (default: the job's
+    ``parallel.nodes`` / ``parallel.gpus_per_node``)."""
+    nodes = cfg.parallel.nodes if nodes is None else nodes
+    gpus = cfg.parallel.gpus_per_node if gpus_per_node is None else gpus_per_node
+    errors = []
+    if nodes < 1:
+        errors.append(f"nodes={nodes}: a job needs at least 1 node")
+    if gpus < 1:
+        errors.append(f"gpus per node={gpus}: a job needs at least 1 GPU per node")
+    if gpu_memory_gib <= 0:
+        errors.append(f"GPU memory={gpu_memory_gib} GiB: give the memory of one GPU in GiB")
+    if errors:
+        raise PlanError("; ".join(errors))
+    world = nodes * gpus
+    if cfg.parallel.backend == "single" and world > 1:
+        raise PlanError(f"parallel.backend=single runs on one GPU, not {nodes}x{gpus}; use "
+                        "--nodes 1 --gpus-per-node 1 or parallel.backend=fsdp/zero3")
+    hf_cfg = hf_config(cfg.model)
+    model = meta_model(cfg.model, hf_cfg)
+    params = inventory(model, cfg.model.trainable)
+    quant = getattr(cfg.model, "quantization", None)
+    quant = None if quant in (None, "none") else quant
+    dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
+    act_bytes = 2 if quant else dtype_bytes
+    hidden, mlp, vocab = _widths(hf_cfg, model)
+    micro = max(-(-cfg.train.batch_size // world), -(-cfg.train.eval_batch_size // world))
+    tokens = cfg.data.max_length
+    activations = micro * tokens * (6 * hidden + 3 * mlp) * act_bytes + 2 * micro * vocab * 4
+
+    _, coefficients = _method_state(cfg, model, params, "single", 1, act_bytes)
+    plan = Plan(
+        model=cfg.model.name_or_path, config_dir=str(planning_config_dir(cfg.model)),
+        nodes=nodes, gpus_per_node=gpus, backend=cfg.parallel.backend, dtype=cfg.model.dtype,
+        quantization=quant, method=cfg.method.name,
+        total_params=sum(p.numel for p in params),
+        trainable_params=(coefficients if coefficients is not None
+                          else sum(p.numel for p in params if p.trainable)),
+        trainable_what="ZO-Act coefficients" if coefficients is not None else "parameters",
+        micro_batch=micro, tokens=tokens, gpu_memory_gib=gpu_memory_gib,
+    )
+    backends = ("single",) if world == 1 and cfg.parallel.backend == "single" else BACKENDS[:2]
+    if world == 1 and "single" not in backends:
+        backends = (*backends, "single")
+    masters = wants_master(cfg) and cfg.method.name != "zoact"
+    for backend in backends:
+        state, _ = _method_state(cfg, model, params, backend, world, act_bytes)
+        plan.memory[backend] = {
+            "weights": _weights(params, backend, world, dtype_bytes, quant == "nf4"),
+            "gathered": _gathered(params, backend, dtype_bytes),
+            "masters": 4 * sum(p.local(backend, world) for p in params if p.trainable)
+            if masters else 0,
+            "method": state,
+            "activations": activations,
+            "runtime": RUNTIME_BYTES,
+        }
+    return plan
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
+
+
+def format_plan(plan: Plan) -> str:
+    storage = "nf4 (4-bit) base" if plan.quantization == "nf4" else plan.dtype
+    lines = [
+        f"model:  {plan.model} (config {plan.config_dir})",
+        f"params: {_count(plan.total_params)} total, {_count(plan.trainable_params)} trainable "
+        f"({plan.trainable_what}; method {plan.method}, storage {storage})",
+        f"world:  {plan.nodes} node(s) x {plan.gpus_per_node} GPU(s) = {plan.world} rank(s); "
+        f"micro-batch {plan.micro_batch} x {plan.tokens} tokens per rank",
+        "",
+        f"{'per-rank memory, GiB':32s}" + "".join(
+            f"{b + ('*' if b == plan.backend else ''):>12s}" for b in plan.memory),
+    ]
+    for line in LINES:
+        label = LABELS[line].format(storage if line == "weights" else plan.method)
+        lines.append(f"  {label:30s}" + "".join(
+            f"{plan.memory[b][line] / GiB:12.2f}" for b in plan.memory))
+    lines.append(f"  {'total':30s}" + "".join(f"{plan.total(b) / GiB:12.2f}"
+                                               for b in plan.memory))
+    lines.append(f"verdict vs {plan.gpu_memory_gib:g} GiB per GPU")
+    for b in plan.memory:
+        lines.append(f"  {b + ('*' if b == plan.backend else ''):8s} {plan.verdict(b)}")
+    lines.append(f"(* the job's backend, parallel.backend={plan.backend})")
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""zopipe plan and train --dry-run on the shipped 13B+ recipes (model configs only, no weights),
+and validation of every shipped job file."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.models.meta import hf_config, meta_model, planning_config_dir
+from pipeline.plan import make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = sorted((ROOT / "jobs").rglob("*.yaml"))
+RECIPES = ROOT / "jobs" / "recipes"
+# Sizes as published (model cards / papers): OPT 13B and 30B, Llama 3 8B, Qwen3 8.2B and 32.8B.
+PUBLISHED = {"opt-13b": 13.0e9, "opt-30b": 30.0e9, "llama-3-8b": 8.0e9, "qwen3-8b": 8.2e9,
+             "qwen3-32b": 32.8e9}
+
+
+def _model_dir(recipe: Path) -> str:
+    return Path(yaml.safe_load(recipe.read_text())["model"]["config_for_planning"]).name
+
+
+BIG = [p for p in sorted(RECIPES.glob("*.yaml")) if PUBLISHED[_model_dir(p)] >= 13e9]
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_model_config_builds_on_meta_with_published_size(name):
+    model_cfg = load_config(None, [f"model.config_for_planning=jobs/models/{name}"]).model
+    model = meta_model(model_cfg, hf_config(model_cfg))
+    total = sum(p.numel() for p in model.parameters())
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert abs(total - PUBLISHED[name]) / PUBLISHED[name] < 0.02, total
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_job_validates(job):
+    cfg = load_config(job)
+    if cfg.model.config_for_planning is not None:
+        assert (planning_config_dir(cfg.model) / "config.json").is_file()
+    if cfg.parallel.ds_config is not None:
+        assert (ROOT / cfg.parallel.ds_config).is_file()
+    assert cfg.train.batch_size % (cfg.parallel.nodes * cfg.parallel.gpus_per_node) == 0
+    if "recipes" in job.parts:
+        head = job.read_text().split("\nmodel:")[0]
+        world = cfg.parallel.nodes * cfg.parallel.gpus_per_node
+        assert f"{cfg.parallel.nodes} node(s) x {cfg.parallel.gpus_per_node} GPU(s)" in head
+        assert f"= {world} rank(s)" in head and "Expected memory per GPU" in head
+
+
+@pytest.mark.parametrize("recipe", BIG, ids=lambda p: p.stem)
+def test_plan_of_13b_recipes_counts_and_scales(recipe):
+    cfg = load_config(recipe)
+    published = PUBLISHED[_model_dir(recipe)]
+    nodes, gpus = cfg.parallel.nodes, cfg.parallel.gpus_per_node
+    plan = make_plan(cfg)
+    assert abs(plan.total_params - published) / published < 0.02
+    if cfg.method.name != "zoact":
+        assert plan.trainable_params == plan.total_params
+    if cfg.parallel.backend == "single":
+        return
+    double = make_plan(cfg, nodes=2 * nodes, gpus_per_node=gpus)
+    for backend in ("zero3", "fsdp"):
+        for line in ("weights", "masters"):
+            half = double.memory[backend][line] / plan.memory[backend][line]
+            assert half == pytest.approx(0.5, rel=0.01), (backend, line)
+        assert double.memory[backend]["gathered"] == plan.memory[backend]["gathered"]
+        assert double.total(backend) < plan.total(backend)
+    # the recipe's header states the planned memory of its backend
+    expected = f"{plan.total(cfg.parallel.backend) / 1024**3:.1f} GiB of 80 GiB"
+    assert expected in recipe.read_text()
+    assert plan.verdict(cfg.parallel.backend).startswith("fits")
+    tiny = make_plan(cfg, nodes=1, gpus_per_node=1, gpu_memory_gib=24)
+    assert tiny.verdict(cfg.parallel.backend).startswith("does not fit")
+
+
+DRY = textwrap.dedent("""
+    import json, sys
+    from pipeline.config import load_config
+    from pipeline.dryrun import dry_run
+    run = dry_run(load_config(sys.argv[1]))
+    print("RESULT " + json.dumps({
+        "total": run.total_params, "rank_elements": run.rank_elements,
+        "rank_blocks": run.rank_blocks, "backend_elements": run.backend_elements,
+        "stored": run.stored_elements, "forwards": run.forwards, "collectives": run.collectives,
+        "drawn": sum(run.noise_blocks.values()), "distinct": len(run.noise_blocks)}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, forwards, bases, gathered", [
+    ("opt-13b-mezo-fp16-zero3", 2, 0, 2),  # MeZO: L+ and L-, one all-gather of both
+    ("opt-13b-bszo-bf16-fsdp", 3, 0, 3),  # BSZO k=2: L0, L1, L2, one all-gather of k+1
+    ("opt-13b-agzo-bf16-zero3", 2, 3, 2),  # AGZO: K=3 basis all-gathers, then L0 and L+
+])
+def test_dry_run_of_13b_recipes(recipe, forwards, bases, gathered):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", DRY, str(RECIPES / f"{recipe}.yaml")],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    run = json.loads(line[len("RESULT "):])
+    assert run["total"] == 12_853_473_280
+    assert sum(run["rank_elements"]) == run["total"]  # every element on exactly one rank
+    assert len(run["rank_elements"]) == 4
+    assert run["backend_elements"] == run["rank_elements"][0]
+    assert run["forwards"] == forwards
+    # the planner's weights line is what the real backend stores on rank 0
+    cfg = load_config(RECIPES / f"{recipe}.yaml")
+    plan = make_plan(cfg)
+    assert plan.memory[cfg.parallel.backend]["weights"] == run["stored"] * 2
+    assert [c["op"] for c in run["collectives"]] == ["all_gather"] * (bases + 1)
+    assert run["collectives"][-1]["numel"] == gathered
+    # AGZO's basis products: r = 1 value per input feature of every hooked linear layer
+    assert all(c["numel"] == 40 * (5 * 5120 + 20480) for c in run["collectives"][:bases])
+    if recipe.startswith("opt-13b-mezo"):
+        # fp32 masters: +εz, -εz and the fused update regenerate z (the restore is a copy)
+        assert run["distinct"] == run["rank_blocks"][0]
+        assert run["drawn"] == 3 * run["rank_blocks"][0]
+
+
+def test_plan_cli_prints_memory_and_verdict():
+    result = CliRunner().invoke(main, ["plan", str(RECIPES / "opt-13b-mezo-fp16-zero3.yaml"),
+                                       "--nodes", "2", "--gpus-per-node", "8"])
+    assert result.exit_code == 0, result.output
+    assert "12.853 B total" in result.output
+    assert "= 16 rank(s)" in result.output
+    assert "zero3*" in result.output and "fits" in result.output
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["model.config_for_planning=jobs/models/nope"], 1, "model.config_for_planning="),
+    (["model.config_for_planning=null"], 1, "model.config_for_planning is not set"),
+    (["--nodes", "0"], 2, "'--nodes'"),
+    (["parallel.nodes=0"], 2, "parallel.nodes: 0 is too small"),
+    (["parallel.backend=single"], 1, "parallel.backend=single runs on one GPU"),
+])
+def test_plan_bad_input_gives_clear_errors(args, code, message):
+    job = str(RECIPES / "opt-13b-mezo-fp16-zero3.yaml")
+    result = CliRunner().invoke(main, ["plan", job, *args])
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("recipe, args, message", [
+    ("opt-13b-mezo-fp16-zero3", ["train.batch_size=6"],
+     "train.batch_size=6 must be a multiple of the world size 4"),
+    ("opt-13b-bszo-bf16-fsdp", ["model.config_for_planning=jobs/models/nope"],
+     "model.config_for_planning='jobs/models/nope': no config.json there"),
+])
+def test_dry_run_bad_input_is_a_clear_error(recipe, args, message):
+    job = str(RECIPES / f"{recipe}.yaml")
+    result = CliRunner().invoke(main, ["train", job, *args, "--dry-run"])
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert "RANK" not in os.environ  # the fake group's variables do not leak
