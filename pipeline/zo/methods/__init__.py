@@ -5,11 +5,12 @@ from pipeline.zo.methods.base import StepContext, StepStats, ZOMethod
 from pipeline.zo.methods.bszo import BSZO
 from pipeline.zo.methods.lozo import LOZO
 from pipeline.zo.methods.mezo import MeZO
+from pipeline.zo.methods.pgap import PGAP
 from pipeline.zo.methods.zo_adam import ZOAdam
 from pipeline.zo.methods.zoact import ZOAct
 
 METHODS: dict[str, type[ZOMethod]] = {"mezo": MeZO, "bszo": BSZO, "zo_adam": ZOAdam, "lozo": LOZO,
-                                      "agzo": AGZO, "zoact": ZOAct}
+                                      "agzo": AGZO, "zoact": ZOAct, "pgap": PGAP}
 
 __all__ = ["METHODS", "StepContext", "StepStats", "ZOMethod", "build_method"]
 
