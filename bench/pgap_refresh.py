@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--steps", type=int, default=2, help="normal steps timed (median)")
     args = parser.parse_args()
+    if "=" in args.job:  # only overrides were given
+        args.job, args.overrides = "jobs/pgap.yaml", [args.job, *args.overrides]
     cfg = load_config(args.job, ["method.name=pgap", "method.lr=0", *args.overrides])
     backend, pgap, data = build(cfg)
     device = backend.device

@@ -95,6 +95,7 @@ class MethodConfig:
     adam_beta1: float = _opt(0.9, "ZO-Adam: β1 (first-moment decay), < 1", min=0.0)
     adam_beta2: float = _opt(0.999, "ZO-Adam: β2 (second-moment decay), < 1", min=0.0)
     adam_eps: float = _opt(1e-8, "ZO-Adam: ε added to sqrt(v̂)", min_exclusive=0.0)
+    sgd_momentum: float = _opt(0.9, "zo_sgd_mmt: momentum β of m ← β m + ĝ, < 1", min=0.0)
     lozo_rank: int = _opt(
         2, "LOZO: rank r of the perturbation U Vᵀ of each 2-D weight (LOZO is two-sided with one "
         "direction per step: n_directions and two_sided are not used)", min=1,
