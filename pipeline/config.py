@@ -100,6 +100,7 @@ class MethodConfig:
     adam_beta1: float = _opt(0.9, "ZO-Adam: β1 (first-moment decay), < 1", min=0.0)
     adam_beta2: float = _opt(0.999, "ZO-Adam: β2 (second-moment decay), < 1", min=0.0)
     adam_eps: float = _opt(1e-8, "ZO-Adam: ε added to sqrt(v̂)", min_exclusive=0.0)
+    sgd_momentum: float = _opt(0.9, "zo_sgd_mmt: momentum β of m ← β m + ĝ, < 1", min=0.0)
     lozo_rank: int = _opt(
         2, "LOZO: rank r of the perturbation U Vᵀ of each 2-D weight (LOZO is two-sided with one "
         "direction per step: n_directions and two_sided are not used)", min=1,
@@ -115,6 +116,17 @@ class MethodConfig:
         False, "AGZO: scale Δ = R Aᵀ by sqrt(in / r) so its norm matches MeZO's z (MeZO "
         "learning rates then transfer); AGZO uses two_sided (set false: one-sided, 2 forwards)",
     )
+    pgap_refresh_every: int = _opt(100, "P-GAP: steps between refreshes T of the factors "
+                                   "(q probes, then a truncated SVD per 2-D weight)", min=1)
+    pgap_q: int = _opt(10, "P-GAP: dense two-sided probes q per refresh (P-GAP is two-sided "
+                       "with one direction per step: n_directions and two_sided are not used)",
+                       min=1)
+    pgap_rank: int = _opt(128, "P-GAP: rank r of each 2-D weight's factors (capped by its dims)",
+                          min=1)
+    pgap_delta: float = _opt(2.0, "P-GAP: δ, the aligned core's projection ⟨S̃, Z⟩ = ±√δ‖S̃‖",
+                             min=0.0)
+    pgap_power_iters: int = _opt(1, "P-GAP: power iterations of the randomized range finder "
+                                 "(2 all-reduces per weight each)", min=0)
     zoact_rank: int = _opt(1, "ZO-Act: rank r of each targeted layer's basis V and "
                            "coefficients C", min=1)
     zoact_q: int = _opt(1, "ZO-Act: perturbed forwards q per step (ZO-Act uses eps as μ and is "

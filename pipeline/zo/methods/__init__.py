@@ -5,11 +5,14 @@ from pipeline.zo.methods.base import StepContext, StepStats, ZOMethod
 from pipeline.zo.methods.bszo import BSZO
 from pipeline.zo.methods.lozo import LOZO
 from pipeline.zo.methods.mezo import MeZO
+from pipeline.zo.methods.pgap import PGAP
 from pipeline.zo.methods.zo_adam import ZOAdam
+from pipeline.zo.methods.zo_sgd import ZOSGDMomentum, ZOSGDSign
 from pipeline.zo.methods.zoact import ZOAct
 
 METHODS: dict[str, type[ZOMethod]] = {"mezo": MeZO, "bszo": BSZO, "zo_adam": ZOAdam, "lozo": LOZO,
-                                      "agzo": AGZO, "zoact": ZOAct}
+                                      "agzo": AGZO, "zoact": ZOAct, "pgap": PGAP,
+                                      "zo_sgd_mmt": ZOSGDMomentum, "zo_sgd_sign": ZOSGDSign}
 
 __all__ = ["METHODS", "StepContext", "StepStats", "ZOMethod", "build_method"]
 

@@ -1,0 +1,273 @@
+"""P-GAP: projected gradient-aligned perturbations, Mi et al., arXiv 2510.18228.
+
+RECONSTRUCTION: the paper's body could not be read; this follows METHODS.md's reconstruction
+(agreed by reviews and a re-implementation). The step labels below (R1-R3 for the refresh, P1-P4
+for every step) are this docstring's, keyed to METHODS.md's sentences.
+
+Refresh, every ``T = method.pgap_refresh_every`` steps (and at the first step, and after a resume
+without factors), at the start of step ``t``:
+
+R1. ``q = method.pgap_q`` dense two-sided probes along ``z_j`` of ``p_j = step_seed(run seed, t,
+    1 + j)``: ``c_j = (L(θ + ε z_j) - L(θ - ε z_j)) / 2ε`` (``2q`` forwards; the weights go back to
+    ``θ`` after each probe, nothing is updated).
+R2. Per trainable 2-D weight, one layer at a time: ``Ĝ = (1/q) Σ_j c_j z_j`` over this rank's
+    slice, accumulated in fp32 (one slice of one layer in memory at a time).
+R3. Rank-``r`` truncated SVD ``Ĝ ≈ U S Vᵀ`` (``r = min(method.pgap_rank, out, in)``) by the
+    randomized range finder of :mod:`pipeline.zo.range_finder` (test matrix ``Ω`` of ``p_1`` keyed
+    by ``"<name>::pgap.omega"``, ``method.pgap_power_iters`` power iterations), whose thin products
+    are all-reduced per layer; the factors are bitwise the same on every rank.
+
+Every step ``t`` (seed ``s = step_seed(run seed, t, 0)``):
+
+P1. Per 2-D weight: core ``Ẑ ~ N(0, I)`` (r, r) of ``s`` keyed by ``"<name>::pgap.Z"``;
+    ``S̃ = diag(S)`` (r, r); aligned core (:func:`aligned_core`, float64)
+    ``Z = Ẑ - ((⟨S̃, Ẑ⟩ - ξ √δ ‖S̃‖) / ‖S̃‖²) S̃``, so ``⟨S̃, Z⟩ = ξ √δ ‖S̃‖``, with
+    ``δ = method.pgap_delta`` and ``ξ = ±1`` from ``s`` (one sign per step, shared by all layers,
+    so the aligned parts add up coherently across layers: a reconstruction choice).
+P2. ``Δ = U Z Vᵀ`` on the 2-D weights; every other parameter gets MeZO's isotropic ``z`` of ``s``.
+P3. Two-sided SPSA along ``Δ``: ``c = (L(θ + εΔ) - L(θ - εΔ)) / 2ε`` (2 forwards).
+P4. ``θ ← θ - η (c Δ + λθ)`` (λ = ``weight_decay``, skipped for biases and norms), restore fused.
+
+``‖Δ‖ = ‖Z‖ ≈ r`` on a weight against ``√(out·in)`` for MeZO's ``z``: learning rates do not
+transfer from MeZO. Forwards: 2 per step, ``2 + 2q`` on refresh steps.
+
+Sharding. A rank holding flat elements ``[a, a+n)`` of a weight forms only that slice of ``Ĝ``
+(R2) and of ``Δ``: ``U Z`` (out, r) is computed once per step from replicated factors, and the
+slice of ``(U Z) Vᵀ`` comes from row chunks aligned to a global grid of rows (:func:`row_pieces`),
+each chunk one matmul of the same shape on whichever rank computes it, so a direction element is
+bitwise the same at any world size given the same factors.
+
+Communication. Per step: one all-gather of the 2 loss scalars (``L+``, ``L-``), averaged in
+float64 in rank order. Per refresh: one all-gather of the ``2q`` probe losses, then per 2-D
+weight ``2 + 2·power_iters`` all-reduces of ``out·k`` or ``in·k`` float64 values
+(``k = min(r + 10, out, in)``); no layer is gathered.
+
+Memory. The factors ``U, V`` (fp32, ``(out + in)·r`` per weight, replicated on every rank),
+``S`` (float64), and during a refresh one layer's slice of ``Ĝ`` (fp32, then float64 rows).
+
+State and checkpoints. :meth:`state_dict` holds the step of the last refresh and every weight's
+``U, S, V`` (CPU tensors; identical on all ranks, so the checkpoint's rank-0 ``method.pt``
+carries them); a resumed run continues bitwise. Logged per step: ``seeds = [s]`` (``[s, p_1..p_q]``
+on refresh steps), ``projected_grad = [c]`` and on refresh steps ``probe_grads = [c_1..c_q]``:
+:meth:`replay` refits the factors from those (no forward), so a single-process run replays
+bitwise; a sharded run's log replays to the float64 rounding of its reductions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from pipeline.zo import perturb
+from pipeline.zo.methods.base import StepContext, StepStats
+from pipeline.zo.methods.lozo import is_matrix
+from pipeline.zo.noise import BLOCK, gaussian, iter_blocks
+from pipeline.zo.perturb import f32
+from pipeline.zo.range_finder import sharded_svd
+from pipeline.zo.seeds import mix, name_key, step_seed
+from pipeline.zo.shards import ParamShard
+
+XI_TAG = 0x5047_4150  # "PGAP": the sign ξ is a hash of the step seed and this tag
+
+
+def aligned_core(zhat: torch.Tensor, s: torch.Tensor, xi: float, delta: float) -> torch.Tensor:
+    """P1: ``Z = Ẑ - ((⟨S̃, Ẑ⟩ - ξ √δ ‖S̃‖) / ‖S̃‖²) S̃`` with ``S̃ = diag(s)``, in float64."""
+    zhat, s = zhat.to(torch.float64), s.to(torch.float64)
+    norm = s.norm()
+    coeff = (s @ zhat.diagonal() - xi * math.sqrt(delta) * norm) / norm**2
+    z = zhat.clone()
+    z.diagonal().sub_(coeff * s)
+    return z
+
+
+def step_sign(seed: int) -> float:
+    """ξ = ±1 of a step seed."""
+    return 1.0 if mix(seed, XI_TAG) & 1 else -1.0
+
+
+def row_pieces(a: torch.Tensor, b: torch.Tensor, start: int, numel: int
+               ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(offset, piece)`` covering flat elements ``[start, start+numel)`` of ``a bᵀ``.
+
+    Rows are computed in chunks of ``max(1, BLOCK // in)`` rows aligned to multiples of that
+    size, each chunk by one matmul of a fixed shape, so an element is bitwise the same whichever
+    slice asks for it. Pieces are fresh tensors the caller may modify.
+    """
+    if numel <= 0:
+        return
+    out, inner = a.shape[0], b.shape[0]
+    chunk = max(1, BLOCK // inner)
+    bt = b.T.contiguous()
+    end = start + numel
+    for c in range(start // inner // chunk, (end - 1) // inner // chunk + 1):
+        r0, r1 = c * chunk, min((c + 1) * chunk, out)
+        flat = (a[r0:r1] @ bt).view(-1)
+        lo, hi = max(start, r0 * inner), min(end, r1 * inner)
+        yield lo - start, flat[lo - r0 * inner : hi - r0 * inner]
+
+
+class PGAP:
+    def __init__(self, cfg: Any, shards: list[ParamShard]):
+        self.cfg = cfg
+        self.shards = shards
+        self.q = cfg.pgap_q
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.refreshed_at: int | None = None
+        self._left: dict[str, torch.Tensor] = {}  # U Z of the current step, per weight
+
+    @property
+    def _masters(self) -> bool:
+        return any(s.master is not None for s in self.shards)
+
+    def refresh_due(self, step: int) -> bool:
+        return self.refreshed_at is None or step - self.refreshed_at >= self.cfg.pgap_refresh_every
+
+    # -- the refresh (R1-R3) ------------------------------------------------------------------
+
+    def _probe(self, seeds: list[int], loss) -> list[torch.Tensor]:
+        """R1: the ``2q`` probe forwards; the weights end at ``θ``."""
+        eps, local = self.cfg.eps, []
+        for seed in seeds:
+            perturb.move(self.shards, seed, 0.0, eps)
+            local.append(loss())
+            perturb.move(self.shards, seed, eps, -eps)
+            local.append(loss())
+            perturb.move(self.shards, seed, -eps, 0.0)
+        return local
+
+    def estimate(self, shard: ParamShard, seeds: list[int], grads: list[float]) -> torch.Tensor:
+        """R2: this rank's slice of ``Ĝ = (1/q) Σ_j c_j z_j`` (fp32, on the shard's device)."""
+        g = torch.zeros(shard.numel, dtype=torch.float32, device=shard.local.device)
+        for seed, c in zip(seeds, grads):
+            alpha = f32(c / len(seeds))
+            for off, z in iter_blocks(seed, shard.key, shard.start, shard.numel, shard.total):
+                g[off : off + z.numel()].add_(z.to(g.device).mul_(alpha))
+        return g
+
+    def fit(self, seeds: list[int], grads: list[float], reduce) -> None:
+        """R2-R3 for every 2-D weight, one at a time; ``reduce`` sums over ranks."""
+        factors = {}
+        for shard in self.shards:
+            if not is_matrix(shard):
+                continue
+            g = self.estimate(shard, seeds, grads)
+            u, s, v = sharded_svd(g, shard.shape, shard.start, self.cfg.pgap_rank, seeds[0],
+                                  name_key(shard.name + "::pgap.omega"), reduce,
+                                  power_iters=self.cfg.pgap_power_iters)
+            del g
+            device = shard.local.device
+            factors[shard.name] = (u.to(device, torch.float32), s,
+                                   v.to(device, torch.float32))
+        self.factors = factors
+
+    def probe_seeds(self, run_seed: int, step: int) -> list[int]:
+        return [step_seed(run_seed, step, 1 + j) for j in range(self.q)]
+
+    def refresh(self, ctx: StepContext) -> list[float] | None:
+        """R1-R3 at ``ctx.step``; the probe projected gradients, or None if a loss was not
+        finite (the old factors stay and the refresh stays due)."""
+        backend, eps = ctx.backend, self.cfg.eps
+        seeds = self.probe_seeds(ctx.run_seed, ctx.step)
+        local = self._probe(seeds, lambda: backend.loss(ctx.batch))
+        losses = backend.all_reduce_mean(torch.stack(local)).tolist()
+        if not all(math.isfinite(v) for v in losses):
+            return None
+        grads = [(losses[2 * j] - losses[2 * j + 1]) / (2 * eps) for j in range(self.q)]
+        world = backend.world_size
+        self.fit(seeds, grads, lambda t: backend.all_reduce_mean(t) * world)
+        self.refreshed_at = ctx.step
+        return grads
+
+    # -- every step (P1-P4) -------------------------------------------------------------------
+
+    def set_cores(self, seed: int) -> None:
+        """P1: ``U Z`` of every weight for the step seed."""
+        xi, delta = step_sign(seed), self.cfg.pgap_delta
+        self._left = {}
+        for name, (u, s, _) in self.factors.items():
+            r = s.numel()
+            zhat = gaussian(seed, name_key(name + "::pgap.Z"), 0, r * r).view(r, r)
+            z = aligned_core(zhat, s, xi, delta)
+            self._left[name] = u @ z.to(u.device, torch.float32)
+
+    def direction(self, shard: ParamShard, seed: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """P2: this shard's part of ``Δ``, ``(offset, piece)`` as in ``iter_blocks``."""
+        if shard.name in self._left:
+            yield from row_pieces(self._left[shard.name], self.factors[shard.name][2],
+                                  shard.start, shard.numel)
+        else:
+            for off, z in iter_blocks(seed, shard.key, shard.start, shard.numel, shard.total):
+                yield off, z.to(shard.local.device)
+
+    def _move(self, seed: int, current: float, new: float) -> None:
+        perturb.move(self.shards, None, current, new,
+                     pieces=lambda shard: self.direction(shard, seed))
+
+    def _measure(self, seed: int, loss) -> list[torch.Tensor]:
+        """P3's forwards; leaves the weights at ``θ - εΔ``."""
+        eps = self.cfg.eps
+        self._move(seed, 0.0, eps)
+        plus = loss()
+        self._move(seed, eps, -eps)
+        return [plus, loss()]
+
+    def _update(self, seed: int, grad: float, lr: float) -> None:
+        """P4 from the weights at ``θ - εΔ``, restore fused."""
+        perturb.update(self.shards, None, -lr * grad, current=-self.cfg.eps,
+                       decay=lr * self.cfg.weight_decay,
+                       pieces=lambda shard: self.direction(shard, seed))
+
+    def step(self, ctx: StepContext) -> StepStats:
+        eps = self.cfg.eps
+        seed = step_seed(ctx.run_seed, ctx.step, 0)
+        seeds, extra, forwards = [seed], {}, 2
+        if self.refresh_due(ctx.step):
+            seeds += self.probe_seeds(ctx.run_seed, ctx.step)
+            forwards += 2 * self.q
+            grads = self.refresh(ctx)
+            if grads is None:
+                return StepStats(math.nan, [math.nan], 2 * self.q, seeds, skipped=True)
+            extra["probe_grads"] = grads
+        self.set_cores(seed)
+        local = self._measure(seed, lambda: ctx.backend.loss(ctx.batch))
+        losses = ctx.backend.all_reduce_mean(torch.stack(local)).tolist()
+        if not all(math.isfinite(v) for v in losses):
+            self._move(seed, -eps, 0.0)
+            return StepStats(math.nan, [math.nan], forwards, seeds, skipped=True, extra=extra)
+        grad = (losses[0] - losses[1]) / (2 * eps)
+        self._update(seed, grad, ctx.lr)
+        return StepStats(sum(losses) / 2, [grad], forwards, seeds, extra=extra)
+
+    def replay(self, record: dict[str, Any]) -> None:
+        """Re-apply a logged step (in order from step 1); a refresh is refitted from the logged
+        probe gradients. Without masters every measuring move is redone, for bitwise rounding."""
+        seed, probes, eps = record["seeds"][0], record["seeds"][1:], self.cfg.eps
+        if probes and not self._masters:
+            self._probe(probes, lambda: torch.zeros(()))
+        if "probe_grads" in record:
+            self.fit(probes, record["probe_grads"], lambda t: t.to(torch.float64))
+            self.refreshed_at = record["step"] - 1
+        elif probes:  # the refresh's losses were not finite: nothing else happened
+            return
+        self.set_cores(seed)
+        if not self._masters:
+            self._measure(seed, lambda: torch.zeros(()))
+        if record.get("skipped"):
+            if not self._masters:
+                self._move(seed, -eps, 0.0)
+            return
+        self._update(seed, record["projected_grad"][0], record["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"refreshed_at": self.refreshed_at,
+                "factors": {n: {"U": u.cpu(), "S": s.cpu(), "V": v.cpu()}
+                            for n, (u, s, v) in self.factors.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.refreshed_at = state["refreshed_at"]
+        devices = {s.name: s.local.device for s in self.shards}
+        self.factors = {n: (f["U"].to(devices[n]), f["S"], f["V"].to(devices[n]))
+                        for n, f in state["factors"].items()}
