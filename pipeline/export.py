@@ -1,4 +1,10 @@
-"""``zopipe export``: a run's latest checkpoint as a standard Hugging Face model directory."""
+"""``zopipe export``: a run's latest checkpoint as a standard Hugging Face model directory.
+
+A LoRA run on a full-precision base is exported merged (``W + (α/r) B A``, a plain model); on a
+quantized base the peft adapter alone is saved (``adapter_config.json`` and
+``adapter_model.safetensors``, loadable with ``peft.PeftModel.from_pretrained`` over the base),
+since merging into 4-bit weights would round the update away.
+"""
 
 from __future__ import annotations
 
@@ -35,5 +41,10 @@ def export_run(run_dir: Path, out: Path) -> int:
     cfg = unsharded(load_config(path / "config.yaml"))
     backend, method = build_model(cfg)
     checkpoint.load(path, backend.shards(), method)
-    save_hf(backend.model, cfg.model.name_or_path, out)
+    model = backend.model
+    if cfg.method.tuning == "lora" and cfg.model.quantization == "none":
+        from pipeline.models.lora import merged
+
+        model = merged(model)  # a plain model; on a quantized base peft saves the adapter only
+    save_hf(model, cfg.model.name_or_path, out)
     return step
