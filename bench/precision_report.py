@@ -86,6 +86,16 @@ def drift_and_lost(method: str, dtype: str, steps: int, data) -> list[dict]:
     return rows
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ``ru_maxrss``: Linux carries ``ru_maxrss`` over
+    ``execve``, so a child started by this script would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def one_run(overrides: list[str], steps: int) -> dict:
     """(c)+(d) in this process: build, zero-shot accuracy, ``steps`` steps, accuracy, memory."""
     from pipeline.config import load_config
@@ -94,7 +104,7 @@ def one_run(overrides: list[str], steps: int) -> dict:
     from pipeline.zo.methods import StepContext
 
     cfg = load_config(JOB, [*SIZE, *overrides])
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports only
+    baseline = peak_rss_mb()  # imports only
     backend, method, data = build(cfg)
     t = cfg.train
     before = evaluate(backend, data, "test", t.eval_batch_size, progress=False).accuracy
@@ -110,17 +120,55 @@ def one_run(overrides: list[str], steps: int) -> dict:
            "s_per_step": seconds,
            "trainable": sum(s.numel for s in backend.shards())
            + sum(c.numel() for c in getattr(method, "C", {}).values()),
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "peak_rss_mb": peak_rss_mb(),
            "baseline_mb": baseline}
     if backend.device.type == "cuda":
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
+def report_ab(cfg, data, steps: int) -> None:
+    print(f"\n(a) drift after {steps} steps at lr 0; (b) after 1 step at lr {cfg.method.lr}: "
+          "share of elements whose stored value / master did not change")
+    print("| method | dtype | masters | max abs drift | mean abs drift | stored unchanged | "
+          "master unchanged |\n|---|---|---|---|---|---|---|")
+    for method in ("mezo", "bszo"):
+        for dtype in ("fp32", "bf16", "fp16"):
+            for r in drift_and_lost(method, dtype, steps, data):
+                master = f"{r['master_unchanged']:.1%}" if "master_unchanged" in r else "-"
+                flag = " (skipped)" if r["skipped"] else ""
+                print(f"| {method} | {dtype} | {r['masters']} | {r['drift_max']:.2e} | "
+                      f"{r['drift_mean']:.2e} | {r['stored_unchanged']:.1%}{flag} | {master} |",
+                      flush=True)
+
+
+def report_cd(cfg, steps: int) -> None:
+    print(f"\n(c) memory and (d) accuracy: {steps} steps, test accuracy on "
+          f"{cfg.data.n_test} examples before -> after, one process each")
+    print("| run | trainable elements | peak RSS, MB (imports only) | s/step | "
+          "accuracy before -> after | finite losses |\n|---|---|---|---|---|---|")
+    for label, overrides in RUNS.items():
+        proc = subprocess.run([sys.executable, __file__, "--run-steps", str(steps),
+                               "--one", *overrides], capture_output=True, text=True)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"| {label} | failed: {proc.stderr.strip().splitlines()[-1:]} |||||")
+            continue
+        r = json.loads(lines[-1][len("RESULT "):])
+        finite = sum(1 for v in r["losses"] if v == v)
+        mem = f"{r['peak_rss_mb']:.0f} ({r['baseline_mb']:.0f})" + (
+            f", GPU {r['gpu_peak_mb']:.0f}" if "gpu_peak_mb" in r else "")
+        print(f"| {label} | {r['trainable']:,} | {mem} | {r['s_per_step']:.1f} | "
+              f"{r['acc_before']:.3f} -> {r['acc_after']:.3f} | {finite}/{len(r['losses'])} |",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2, help="(a): steps at lr 0")
     parser.add_argument("--run-steps", type=int, default=5, help="(c)/(d): steps of the run")
+    parser.add_argument("--parts", default="ab,cd", help="ab: drift and lost updates; cd: memory "
+                        "and accuracy runs")
     parser.add_argument("--one", nargs="*", help=argparse.SUPPRESS)  # child process of (c)/(d)
     args = parser.parse_args()
     if args.one is not None:
@@ -135,37 +183,10 @@ def main() -> None:
     cfg = load_config(JOB, SIZE)
     data = prepare(cfg.data, load_tokenizer(cfg.model.name_or_path))
     print(f"demo model {cfg.model.name_or_path}, {SIZE}")
-    print(f"\n(a) drift after {args.steps} steps at lr 0; (b) after 1 step at lr {cfg.method.lr}: "
-          "share of elements whose stored value / master did not change")
-    print("| method | dtype | masters | max abs drift | mean abs drift | stored unchanged | "
-          "master unchanged |\n|---|---|---|---|---|---|---|")
-    for method in ("mezo", "bszo"):
-        for dtype in ("fp32", "bf16", "fp16"):
-            for r in drift_and_lost(method, dtype, args.steps, data):
-                master = f"{r['master_unchanged']:.1%}" if "master_unchanged" in r else "-"
-                flag = " (skipped)" if r["skipped"] else ""
-                print(f"| {method} | {dtype} | {r['masters']} | {r['drift_max']:.2e} | "
-                      f"{r['drift_mean']:.2e} | {r['stored_unchanged']:.1%}{flag} | {master} |",
-                      flush=True)
-
-    print(f"\n(c) memory and (d) accuracy: {args.run_steps} steps, test accuracy on "
-          f"{cfg.data.n_test} examples before -> after, one process each")
-    print("| run | trainable elements | peak RSS, MB (imports only) | s/step | "
-          "accuracy before -> after | finite losses |\n|---|---|---|---|---|---|")
-    for label, overrides in RUNS.items():
-        proc = subprocess.run([sys.executable, __file__, "--run-steps", str(args.run_steps),
-                               "--one", *overrides], capture_output=True, text=True)
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(f"| {label} | failed: {proc.stderr.strip().splitlines()[-1:]} |||||")
-            continue
-        r = json.loads(lines[-1][len("RESULT "):])
-        finite = sum(1 for v in r["losses"] if v == v)
-        mem = f"{r['peak_rss_mb']:.0f} ({r['baseline_mb']:.0f})" + (
-            f", GPU {r['gpu_peak_mb']:.0f}" if "gpu_peak_mb" in r else "")
-        print(f"| {label} | {r['trainable']:,} | {mem} | {r['s_per_step']:.1f} | "
-              f"{r['acc_before']:.3f} -> {r['acc_after']:.3f} | {finite}/{len(r['losses'])} |",
-              flush=True)
+    if "ab" in args.parts:
+        report_ab(cfg, data, args.steps)
+    if "cd" in args.parts:
+        report_cd(cfg, args.run_steps)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 
