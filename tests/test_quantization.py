@@ -115,3 +115,15 @@ def test_lora_export_merges_into_a_plain_model(tiny_job, tiny_model_dir, tmp_pat
     assert set(merged) == set(base)  # a plain model: no lora_ keys left
     moved = {n for n in base if not torch.equal(merged[n], base[n])}
     assert moved and all(".q_proj." in n or ".v_proj." in n for n in moved)
+
+
+@pytest.mark.slow
+def test_lora_on_2_rank_fsdp_tracks_the_single_process_run(tiny_job, tmp_path):
+    from conftest import run_method_ranks
+
+    extra = [*tiny_job, "method.tuning=lora", "method.lr=1e-2", "method.eps=1e-2"]
+    (one,) = run_method_ranks(tmp_path / "one", 1, "single", "jobs/demo.yaml", extra, 3)
+    two = run_method_ranks(tmp_path / "two", 2, "fsdp", "jobs/demo.yaml", extra, 3)
+    assert two[0]["loss"] == two[1]["loss"]
+    assert max(abs(a - b) for a, b in zip(one["loss"], two[0]["loss"])) < 1e-6
+    assert all(g[0] != 0 and math.isfinite(g[0]) for g in one["grad"])
