@@ -51,13 +51,19 @@ class ModelConfig:
     )
     dtype: str = _opt("fp32", "storage dtype of the weights", choices=["fp32", "bf16", "fp16"])
     trainable: list[str] = _opt(
-        ["*"], "fnmatch patterns of parameter names to train (e.g. '*.self_attn.q_proj.weight')"
+        ["*"], "fnmatch patterns of parameter names to train (e.g. '*.self_attn.q_proj.weight'); "
+        "used by method.tuning=full only (lora trains the adapter, coefficients ZO-Act's C)"
     )
     device: str = _opt("auto", "where the model runs", choices=["auto", "cpu", "cuda"])
     config_for_planning: str | None = _opt(
         None, "directory with the model's config.json for zopipe plan and train --dry-run (no "
         "weights, nothing downloaded; relative paths also resolve from the repository root); "
         "default: model.name_or_path when it is a local directory"
+    )
+    quantization: str = _opt(
+        "none", "bitsandbytes base: nf4 / fp4 (4-bit) or int8; the quantized base is frozen, so "
+        "it needs method.tuning=lora or coefficients (single backend)",
+        choices=["none", "nf4", "fp4", "int8"],
     )
 
 
@@ -127,6 +133,16 @@ class MethodConfig:
                              min=0.0)
     pgap_power_iters: int = _opt(1, "P-GAP: power iterations of the randomized range finder "
                                  "(2 all-reduces per weight each)", min=0)
+    tuning: str = _opt(
+        "full", "what trains: full (the model.trainable weights), lora (peft LoRA adapters) or "
+        "coefficients (ZO-Act's C, method.name=zoact)", choices=["full", "lora", "coefficients"],
+    )
+    lora_r: int = _opt(8, "LoRA rank r (MeZO's LoRA setting: 8)", min=1)
+    lora_alpha: float = _opt(16.0, "LoRA scale α (the update is α/r · B A; MeZO: 16)",
+                             min_exclusive=0.0)
+    lora_targets: list[str] = _opt(
+        ["q_proj", "v_proj"], "LoRA target modules (peft target_modules; MeZO: q and v)"
+    )
     zoact_rank: int = _opt(1, "ZO-Act: rank r of each targeted layer's basis V and "
                            "coefficients C", min=1)
     zoact_q: int = _opt(1, "ZO-Act: perturbed forwards q per step (ZO-Act uses eps as μ and is "
@@ -331,6 +347,10 @@ def build(raw: dict[str, Any]) -> JobConfig:
                 _validate_value(f"{name}.{key}", value, dict(f.metadata), errors)
             values[key] = value
         built[name] = cls(**values)
+    if not errors:
+        from pipeline.models.tuning import combination_errors
+
+        errors += combination_errors(JobConfig(**built))
     if errors:
         raise ConfigError(errors)
     return JobConfig(**built)

@@ -1,4 +1,10 @@
-"""``zopipe export``: a run's latest checkpoint as a standard Hugging Face model directory."""
+"""``zopipe export``: a run's latest checkpoint as a standard Hugging Face model directory.
+
+A LoRA run on a full-precision base is exported merged (``W + (α/r) B A``, a plain model); on a
+quantized base the peft adapter alone is saved (``adapter_config.json`` and
+``adapter_model.safetensors``, loadable with ``peft.PeftModel.from_pretrained`` over the base),
+since merging into 4-bit weights would round the update away.
+"""
 
 from __future__ import annotations
 
@@ -51,16 +57,23 @@ def export_run(run_dir: Path, out: Path, adapter_only: bool = False) -> int:
     cfg = unsharded(load_config(path / "config.yaml"))
     backend, method = build_model(cfg)
     checkpoint.load(path, backend.shards(), method)
+    model = backend.model
     if hasattr(method, "adapter_tensors"):
         if not method.calibrated:
             raise RunDirError(f"{path} was taken during ZO-Act's calibration steps: there are no "
                               "coefficients to export yet; train past method.zoact_calib_batches")
-        if adapter_only:
+        if adapter_only or cfg.model.quantization != "none":  # C Vᵀ cannot go into 4-bit W
             save_adapter(method, cfg.model.name_or_path, out)
             return step
-        method.merge_into(backend.model)
+        method.merge_into(model)
+    elif cfg.method.tuning == "lora":
+        if cfg.model.quantization == "none" and not adapter_only:
+            from pipeline.models.lora import merged
+
+            model = merged(model)  # a plain model
+        # otherwise peft's save_pretrained writes the LoRA adapter alone
     elif adapter_only:
         raise RunDirError(f"method {cfg.method.name} trains the model's own weights: it has no "
                           "adapter to export alone (drop --adapter-only)")
-    save_hf(backend.model, cfg.model.name_or_path, out)
+    save_hf(model, cfg.model.name_or_path, out)
     return step

@@ -44,11 +44,19 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_model(cfg, device: torch.device):
-    """The model in eval mode with gradients off (ZO needs none), in the configured dtype."""
+    """The model in eval mode with gradients off (ZO needs none), in the configured dtype (a
+    bitsandbytes base with ``model.quantization``, :mod:`pipeline.models.quantization`)."""
     from transformers import AutoModelForCausalLM
 
     path = model_path(cfg.name_or_path)
+    quantization = getattr(cfg, "quantization", "none")
     try:
+        if quantization != "none":
+            from pipeline.models.quantization import load_quantized
+
+            model = load_quantized(path, quantization, DTYPES[cfg.dtype], device)
+            model.requires_grad_(False)
+            return model.eval()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
     except OSError as exc:
         raise ModelError(

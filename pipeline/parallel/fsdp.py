@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch.distributed.fsdp import fully_shard
 
-from pipeline.models.loading import load_model
 from pipeline.models.objective import batch_loss, candidate_scores
-from pipeline.parallel import make_shard, trainable_names, wants_master
+from pipeline.models.tuning import load_tuned_model, tuned_names
+from pipeline.parallel import make_shard, wants_master
 from pipeline.parallel.distributed import DistributedBackend, init_process_group
 
 
@@ -50,8 +50,8 @@ class FSDPBackend(DistributedBackend):
     @classmethod
     def from_config(cls, cfg) -> FSDPBackend:
         device = init_process_group(cfg.model.device)
-        model = load_model(cfg.model, device)
-        names = trainable_names(model, cfg.model.trainable)
+        model = load_tuned_model(cfg, device)
+        names = tuned_names(model, cfg)
         return cls(model, names, device, master=wants_master(cfg))
 
     def shards(self):

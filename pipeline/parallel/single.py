@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.loading import load_model, resolve_device
+from pipeline.models.loading import resolve_device
 from pipeline.models.objective import batch_loss, candidate_scores
-from pipeline.parallel import make_shard, trainable_names, wants_master
+from pipeline.models.tuning import load_tuned_model, tuned_names
+from pipeline.parallel import make_shard, wants_master
 
 
 class SingleBackend:
@@ -25,8 +26,8 @@ class SingleBackend:
     @classmethod
     def from_config(cls, cfg) -> SingleBackend:
         device = resolve_device(cfg.model.device)
-        model = load_model(cfg.model, device)
-        names = trainable_names(model, cfg.model.trainable)
+        model = load_tuned_model(cfg, device)
+        names = tuned_names(model, cfg)
         return cls(model, names, device, master=wants_master(cfg))
 
     def shards(self):

@@ -39,7 +39,8 @@ import torch.distributed as dist
 
 from pipeline.models.loading import DTYPES, ModelError, model_path
 from pipeline.models.objective import batch_loss, candidate_scores
-from pipeline.parallel import make_shard, trainable_names, wants_master
+from pipeline.models.tuning import tuned_names
+from pipeline.parallel import make_shard, wants_master
 from pipeline.parallel.distributed import DistributedBackend, init_process_group
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -221,7 +222,7 @@ class Zero3Backend(DistributedBackend):
                              f"loaded ({exc})") from None
         model.requires_grad_(False)
         model.eval()
-        names = trainable_names(model, cfg.model.trainable)
+        names = tuned_names(model, cfg)
         engine, *_ = deepspeed.initialize(model=model, config=copy.deepcopy(ds_config))
         engine.eval()
         return cls(engine, names, device, master=wants_master(cfg), hf_ds_config=hf_ds_config)

@@ -8,9 +8,9 @@ module names): ``y = W x + C (Vᵀ x)`` (:class:`pipeline.models.adapters.Coeffi
 a forward hook), ``W`` frozen (it may be sharded or quantized), ``V`` (in, r) the top-r
 eigenvectors of the accumulated ``Σ XᵀX`` of the layer's inputs over calibration batches,
 ``C`` (out, r) fp32, initialised to 0, ``r = zoact_rank``. The trainable variables are the
-coefficients only: the backend's ParamShards (whatever ``model.trainable`` selects) are left
-untouched; point ``model.trainable`` at one tiny tensor (``jobs/zoact.yaml``:
-``model.norm.weight``) so checkpoints do not carry weights that never change.
+coefficients only: with ``method.tuning=coefficients`` (``jobs/zoact.yaml``) the backend hands
+out no weight shards at all, so checkpoints carry no weights that never change (any shards given
+are left untouched), and the frozen base may be quantized (``model.quantization=nf4``).
 
 Calibration ("init, once"). Design: the unperturbed forwards ``L0`` of the first
 ``n = zoact_calib_batches`` steps ARE the calibration pass: forward pre-hooks
