@@ -207,8 +207,9 @@ def print_config(config, overrides):
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the Hugging Face model (safetensors + tokenizer).")
 @click.option("--adapter-only", is_flag=True,
-              help="ZO-Act: write the coefficients C and bases V alone (adapter.safetensors) "
-                   "instead of merging W + C Vᵀ into a full model.")
+              help="ZO-Act / LoRA runs: write the adapter alone (ZO-Act: C and V in "
+                   "adapter.safetensors; LoRA: peft's files) instead of merging it into a full "
+                   "model. Runs on a quantized base always export the adapter alone.")
 def export(run_dir, out, adapter_only):
     """Write RUN_DIR's fine-tuned model as a Hugging Face model directory."""
     from pipeline.export import export_run
