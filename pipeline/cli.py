@@ -325,8 +325,11 @@ def slurm() -> None:
 def _slurm_job_options(fn):
     options = [
         config_arg, overrides_arg,
-        click.option("--nodes", type=int, default=1, show_default=True),
-        click.option("--gpus-per-node", type=int, default=0, show_default=True),
+        click.option("--nodes", type=click.IntRange(min=1),
+                     help="Nodes (default: the job's parallel.nodes)."),
+        click.option("--gpus-per-node", type=click.IntRange(min=0),
+                     help="GPUs per node (default: the job's parallel.gpus_per_node when "
+                          "model.device=cuda, else 0)."),
         click.option("--ntasks-per-node", type=int,
                      help="Ranks per node (default: --gpus-per-node, or 1 on CPU)."),
         click.option("--time", help="Time limit, e.g. 12:00:00 (default: the site's)."),
@@ -353,7 +356,11 @@ def _slurm_script(config, overrides, nodes, gpus_per_node, ntasks_per_node, time
     from pipeline.sweep import expand_sweep
 
     cfg_overrides = list(overrides)
-    _config(config, overrides)  # config errors first, all at once
+    cfg = _config(config, overrides)  # config errors first, all at once
+    if nodes is None:
+        nodes = cfg.parallel.nodes
+    if gpus_per_node is None:
+        gpus_per_node = cfg.parallel.gpus_per_node if cfg.model.device == "cuda" else 0
     try:
         sets = expand_sweep(sweep) if sweep else None
         run_dir = (run_dir or sl.default_run_dir(config, cfg_overrides, bool(sweep))).resolve()
