@@ -156,3 +156,20 @@ def test_rademacher_directions_move_every_weight_by_the_same_amount(tiny_model, 
     for s, b in zip(shards, before):
         torch.testing.assert_close((s.master - b).abs(), torch.full_like(b, step),
                                    rtol=0, atol=1e-6 * (1 + b.abs().max().item()))
+
+
+@pytest.mark.slow
+def test_compiled_noise_is_world_size_invariant_on_fsdp_and_zero3(monkeypatch, tiny_model_dir,
+                                                                   tmp_path):
+    """The real 2-rank check on the compiled path (every tiny parameter above the threshold),
+    with the noise cache on: perturbations bitwise equal to the single-process ones."""
+    from pipeline.parallel.check import run_check
+
+    monkeypatch.setenv("ZO_NOISE_COMPILE_MIN", "0")
+    small = [f"model.name_or_path={tiny_model_dir}", "data.n_train=64", "data.n_val=16",
+             "data.n_test=32", "train.batch_size=8", "method.lr=1e-3", "train.threads=1",
+             "method.cache_noise=true"]
+    report = run_check("jobs/demo.yaml", small, 2, 2, tmp_path)
+    for backend in ("fsdp", "zero3"):
+        assert report[backend]["perturbation"] == 0.0
+        assert report[backend]["params"] < 1e-6

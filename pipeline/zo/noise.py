@@ -80,6 +80,20 @@ def apply(dst: torch.Tensor, src: torch.Tensor, seed: int, key: int, start: int,
         fn(dst, src, torch.tensor(start, dtype=torch.int32, device=device), k, coef)
 
 
+def apply_stored(dst: torch.Tensor, src: torch.Tensor, z: torch.Tensor, total: int,
+                 a: float, s: float = 1.0, b: float = 0.0) -> None:
+    """:func:`apply` with a stored ``z`` (``method.cache_noise``): the same fp32 operations by the
+    same path rule, so the result is bitwise that of regenerating ``z``."""
+    if dst.numel() == 0:
+        return
+    fn = noise_math.apply_stored
+    if uses_compiled(total, "stored", dst.device) and dst.numel() > 1:
+        fn = noise_compile.kernel("stored", dst.device)
+    coef = torch.tensor([a, s, b], dtype=torch.float32, device=dst.device)
+    with torch.no_grad():
+        fn(dst, src, z, coef)
+
+
 def noise(seed: int, key: int, start: int, numel: int, total: int | None = None, *,
           kind: str = "gaussian", device: str | torch.device = "cpu") -> torch.Tensor:
     """Elements ``[start, start+numel)`` of the ``kind`` direction of ``(seed, key)``, fp32, 1-D."""

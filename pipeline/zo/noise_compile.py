@@ -34,9 +34,10 @@ def enabled() -> bool:
 def _probe(fn: Callable, device: torch.device) -> None:
     """Compile and run once on a small tensor, checking the result against the reference."""
     x = torch.zeros(64, device=device)
-    args = (torch.tensor(5, dtype=torch.int32, device=device),
-            torch.tensor([123, -456], dtype=torch.int32, device=device),
-            torch.tensor([1.0, 1.0, 0.0], device=device))
+    coef = torch.tensor([1.0, 1.0, 0.0], device=device)
+    args = ((torch.linspace(-3, 3, 64, device=device), coef) if fn.kind == "stored" else
+            (torch.tensor(5, dtype=torch.int32, device=device),
+             torch.tensor([123, -456], dtype=torch.int32, device=device), coef))
     with torch.no_grad():
         fn(x, x, *args)
         ref = torch.zeros(64, device=device)

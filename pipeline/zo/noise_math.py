@@ -74,4 +74,9 @@ def apply_rademacher(dst, src, base, k, coef) -> None:
     _apply(rademacher_at, dst, src, base, k, coef)
 
 
-REFERENCE = {"gaussian": apply_gaussian, "rademacher": apply_rademacher}
+def apply_stored(dst, src, z, coef) -> None:
+    """As :func:`apply_gaussian` with a given (cached) ``z``: the same fp32 operations."""
+    dst.copy_((src + z * coef[0]) * coef[1] + z * coef[2])
+
+
+REFERENCE = {"gaussian": apply_gaussian, "rademacher": apply_rademacher, "stored": apply_stored}

@@ -66,12 +66,7 @@ def fused(shard: ParamShard, seed: int, dst: torch.Tensor, src: torch.Tensor,
                     kind=shard.noise)
         return
     z = shard.cache.get(seed, shard)
-    coef = torch.tensor([a, s, b], dtype=torch.float32, device=z.device)
-    with torch.no_grad():
-        for off in range(0, shard.numel, BLOCK):  # the same fp32 operations, BLOCK-sized temps
-            sl = slice(off, off + BLOCK)
-            zz = z[sl]
-            dst[sl].copy_((src[sl] + zz * coef[0]) * coef[1] + zz * coef[2])
+    noise.apply_stored(dst, src, z, shard.total, a, s, b)
 
 
 def move(shards: Iterable[ParamShard], seed: int | None, current: float, new: float, *,
