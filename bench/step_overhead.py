@@ -10,8 +10,10 @@ Prints, for the demo model (or any job config) and each method given, side by si
   loop alone, after one warm-up step (model loading can peak higher than the loop).
 
 Each method runs in its own processes, after one warm-up step (the noise kernel compiles
-there). ``--timing-json`` (one method, used by bench/sharded_overhead.py under torchrun) times
-forward and step and, with several ranks, counts the bytes one step sends beyond its forwards.
+there); forwards and steps are timed interleaved and the fastest of each is kept (this machine
+is shared: the fastest run is the least disturbed one). ``--timing-json`` (one method, used by
+bench/sharded_overhead.py under torchrun) times forward and step and, with several ranks,
+counts the bytes one step sends beyond its forwards.
 
 Usage: python bench/step_overhead.py [JOB.yaml] [key=value ...] [--methods mezo,bszo,...]
        [--cache-noise] [--repeats 3]
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -116,15 +117,17 @@ def timing(args) -> None:
 
     backend.loss(batch)
     one_step()  # warm-up: compiles the noise kernel, ZO-Act calibrates
-    fwd = _time(lambda: backend.loss(batch), device, args.repeats)
-    step = _time(one_step, device, args.repeats)
+    fwd, step = [], []
+    for _ in range(args.repeats):  # interleaved, so both see the same load on a shared machine
+        fwd += _time(lambda: backend.loss(batch), device, 1)
+        step += _time(one_step, device, 1)
     comm = {}
     if backend.world_size > 1:
         with counting(backend) as calls:
             one_step()
         comm = summary(calls)
     if backend.rank == 0:
-        print(json.dumps({"forward": statistics.median(fwd), "step": statistics.median(step),
+        print(json.dumps({"forward": min(fwd), "step": min(step),
                           "forwards": stats[-1].forwards, "world_size": backend.world_size,
                           "trainable": sum(s.total for s in backend.shards()),
                           "threads": torch.get_num_threads(), "device": str(device), **comm}))
@@ -181,7 +184,8 @@ def main() -> None:
               f"{t['step'] * 1e3:9.1f} {t['step'] / (t['forwards'] * t['forward']):9.2f} "
               f"{mem:>13s} {loop:>14s}", flush=True)
     print(f"(job {args.job} {' '.join(args.overrides)}; {t['trainable']:,} trainable, "
-          f"{t['threads']} threads, device {t['device']}; median of {args.repeats})")
+          f"{t['threads']} threads, device {t['device']}; fastest of {args.repeats} forwards and "
+          "steps, interleaved)")
 
 
 if __name__ == "__main__":
