@@ -1,10 +1,14 @@
-"""ZO step / forward-pass time for each backend, single process and N ranks, side by side.
+"""ZO step / forward-pass time per backend and method, world size 1 and N, side by side.
 
-Each backend runs ``bench/step_overhead.py --timing-json`` (under torchrun for the sharded
-ones); the table prints the median forward time, step time and their ratio. On this 2-core CPU
-sharding gives no speed-up (each rank gets one thread): the ratio is what to compare.
+Each (backend, method) runs ``bench/step_overhead.py --timing-json`` in fresh processes (under
+torchrun for fsdp / zero3). The table prints the median forward and step times, their ratio
+(step / (forwards x forward)), the step time against the single-process one (scaling), and what
+one step sends through torch.distributed beyond its forwards' parameter gathers (calls, bytes;
+the gathers themselves are what inference pays too). On this 2-core CPU each rank gets one
+thread, so sharding gives no speed-up: compare the ratios.
 
-Usage: python bench/sharded_overhead.py [JOB.yaml] [key=value ...] [--nproc-per-node 2]
+Usage: python bench/sharded_overhead.py [JOB.yaml] [key=value ...] [--methods mezo,...]
+       [--backends fsdp,zero3] [--nproc-per-node 2]
 """
 
 from __future__ import annotations
@@ -15,12 +19,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.zo.methods import METHODS
+
 SCRIPT = Path(__file__).with_name("step_overhead.py")
+METHOD_OVERRIDES = {"zoact": ["method.zoact_calib_batches=1"]}
 
 
-def measure(job: str, overrides: list[str], backend: str, nproc: int, repeats: int) -> dict:
-    cmd = [str(SCRIPT), job, *overrides, f"parallel.backend={backend}", "train.threads=1",
-           "tracking.enabled=false", "--repeats", str(repeats), "--timing-json"]
+def measure(args, backend: str, method: str, nproc: int) -> dict:
+    cmd = [str(SCRIPT), args.job, *args.overrides, f"parallel.backend={backend}",
+           "train.threads=1", "tracking.enabled=false", f"method.name={method}",
+           *METHOD_OVERRIDES.get(method, []), "--repeats", str(args.repeats), "--timing-json"]
     if nproc > 1:
         cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd]
     out = subprocess.run([sys.executable, *cmd], check=True, capture_output=True, text=True)
@@ -34,15 +42,25 @@ def main() -> None:
     parser.add_argument("--nproc-per-node", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backends", default="fsdp,zero3")
+    parser.add_argument("--methods", default="mezo",
+                        help=f"comma-separated, or 'all' ({','.join(METHODS)})")
     args = parser.parse_args()
-    rows = [("single", 1)] + [(b, args.nproc_per_node) for b in args.backends.split(",")]
-    print(f"{'backend':8s} {'ranks':>5s} {'forward ms':>11s} {'step ms':>9s} "
-          f"{'step/forwards':>14s}   (1 thread per rank)")
-    for backend, n in rows:
-        r = measure(args.job, args.overrides, backend, n, args.repeats)
-        ratio = r["step"] / (r["forwards"] * r["forward"])
-        print(f"{backend:8s} {r['world_size']:5d} {r['forward'] * 1e3:11.1f} "
-              f"{r['step'] * 1e3:9.1f} {ratio:14.2f}")
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    backends = [("single", 1)] + [(b, args.nproc_per_node) for b in args.backends.split(",")]
+    print(f"{'method':8s} {'backend':8s} {'ranks':>5s} {'forward ms':>11s} {'step ms':>9s} "
+          f"{'step/fwds':>9s} {'step vs ws1':>11s} {'step comm (calls, bytes)':>25s}", flush=True)
+    for method in methods:
+        single = None
+        for backend, n in backends:
+            r = measure(args, backend, method, n)
+            single = single or r
+            ratio = r["step"] / (r["forwards"] * r["forward"])
+            comm = (f"{r['step_calls']} calls, {r['step_bytes']} B" if "step_calls" in r
+                    else "-")
+            print(f"{method:8s} {backend:8s} {r['world_size']:5d} {r['forward'] * 1e3:11.1f} "
+                  f"{r['step'] * 1e3:9.1f} {ratio:9.2f} {r['step'] / single['step']:11.2f} "
+                  f"{comm:>25s}", flush=True)
+    print("(1 thread per rank; step comm excludes the parameter gathers inside forwards)")
 
 
 if __name__ == "__main__":

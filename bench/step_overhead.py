@@ -1,15 +1,22 @@
 """ZO step cost against its forward passes, and training memory against inference memory.
 
-Prints, for the demo model (or any job config):
+Prints, for the demo model (or any job config) and each method given, side by side:
 
 - ``step / forwards``: the wall time of one ZO step divided by (forwards per step x the time of
   one forward on the same batch). 1.0 means perturbing, restoring and updating cost nothing.
-- ``train peak / inference peak``: the peak memory (CPU: ru_maxrss; GPU: max_memory_allocated)
-  of a process that runs training steps, divided by that of a process that runs only forwards on
+- ``train / inference peak``: the peak memory (CPU: ru_maxrss; GPU: max_memory_allocated) of a
+  process that runs training steps, divided by that of a process that runs only forwards on
   the same batch, each in its own fresh process; on CPU also the peak RSS sampled during the
-  loop alone (model loading can peak higher than the loop).
+  loop alone, after one warm-up step (model loading can peak higher than the loop).
 
-Usage: python bench/step_overhead.py [JOB.yaml] [key=value ...] [--repeats 5]
+Each method runs in its own processes, after one warm-up step (the noise kernel compiles
+there); forwards and steps are timed interleaved and the fastest of each is kept (this machine
+is shared: the fastest run is the least disturbed one). ``--timing-json`` (one method, used by
+bench/sharded_overhead.py under torchrun) times forward and step and, with several ranks,
+counts the bytes one step sends beyond its forwards.
+
+Usage: python bench/step_overhead.py [JOB.yaml] [key=value ...] [--methods mezo,bszo,...]
+       [--cache-noise] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -17,16 +24,22 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from pipeline.config import load_config
 from pipeline.train import build
-from pipeline.zo.methods import StepContext
+from pipeline.zo.methods import METHODS, StepContext
+
+sys.path.insert(0, str(Path(__file__).parent))
+from comm_count import counting, summary  # noqa: E402
+
+# ZO-Act's first steps calibrate its basis; one calibration batch makes the timed steps real ones
+METHOD_OVERRIDES = {"zoact": ["method.zoact_calib_batches=1"]}
 
 
 def _peak_bytes(device) -> int:
@@ -43,18 +56,27 @@ def _sync(device) -> None:
 def _setup(args):
     cfg = load_config(args.job, args.overrides)
     backend, method, data = build(cfg)
-    batch = data.train_batch(0, cfg.train.batch_size, cfg.train.seed)
+    batch = data.train_batch(0, cfg.train.batch_size, cfg.train.seed, backend.rank,
+                             backend.world_size)
     return cfg, backend, method, batch
 
 
 def measure_memory(args, mode: str) -> None:
-    """Peak memory of the whole process, and (CPU) the peak RSS sampled during the loop alone:
-    loading the model can peak higher than running it, which would hide the loop's cost."""
+    """Peak memory of the whole process, and (CPU) the peak RSS sampled during the loop alone."""
     import threading
 
     import psutil
 
     cfg, backend, method, batch = _setup(args)
+    steps = iter(range(10**9))
+
+    def run():
+        if mode == "train":
+            method.step(StepContext(next(steps), cfg.train.seed, cfg.method.lr, batch, backend))
+        else:
+            backend.loss(batch)
+
+    run()  # warm-up (compiles the noise kernel)
     proc, loop_peak, running = psutil.Process(), [0], [True]
 
     def sample() -> None:
@@ -64,11 +86,8 @@ def measure_memory(args, mode: str) -> None:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    for step in range(args.repeats):
-        if mode == "train":
-            method.step(StepContext(step, cfg.train.seed, cfg.method.lr, batch, backend))
-        else:
-            backend.loss(batch)
+    for _ in range(args.repeats):
+        run()
     running[0] = False
     sampler.join()
     print(json.dumps({"peak_bytes": _peak_bytes(backend.device), "loop_peak_bytes": loop_peak[0]}))
@@ -85,64 +104,88 @@ def _time(fn, device, repeats: int) -> list[float]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("job", nargs="?", default="jobs/demo.yaml")
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--memory-mode", choices=["train", "inference"], help=argparse.SUPPRESS)
-    parser.add_argument("--timing-json", action="store_true",
-                        help="Only time forward and step; rank 0 prints one JSON line (used by "
-                             "bench/sharded_overhead.py under torchrun).")
-    args = parser.parse_args()
-    if args.memory_mode:
-        measure_memory(args, args.memory_mode)
-        return
-
+def timing(args) -> None:
+    """Rank 0 prints one JSON line: forward and step medians, forwards, communication."""
     cfg, backend, method, batch = _setup(args)
     device = backend.device
-    backend.loss(batch)  # warm-up
     steps = iter(range(10**9))
-    fwd = _time(lambda: backend.loss(batch), device, args.repeats)
     stats = []
 
     def one_step():
         stats.append(method.step(StepContext(next(steps), cfg.train.seed, cfg.method.lr, batch,
                                              backend)))
 
-    step = _time(one_step, device, args.repeats)
-    forwards = stats[-1].forwards
-    f, s = statistics.median(fwd), statistics.median(step)
-    trainable = sum(sh.numel for sh in backend.shards())
+    backend.loss(batch)
+    one_step()  # warm-up: compiles the noise kernel, ZO-Act calibrates
+    fwd, step = [], []
+    for _ in range(args.repeats):  # interleaved, so both see the same load on a shared machine
+        fwd += _time(lambda: backend.loss(batch), device, 1)
+        step += _time(one_step, device, 1)
+    comm = {}
+    if backend.world_size > 1:
+        with counting(backend) as calls:
+            one_step()
+        comm = summary(calls)
+    if backend.rank == 0:
+        print(json.dumps({"forward": min(fwd), "step": min(step),
+                          "forwards": stats[-1].forwards, "world_size": backend.world_size,
+                          "trainable": sum(s.total for s in backend.shards()),
+                          "threads": torch.get_num_threads(), "device": str(device), **comm}))
+    backend.close()
+
+
+def _child(args, method: str, extra: list[str], flags: list[str]) -> dict:
+    overrides = [*args.overrides, f"method.name={method}", *METHOD_OVERRIDES.get(method, []),
+                 *extra]
+    out = subprocess.run([sys.executable, __file__, args.job, *overrides, "--repeats",
+                          str(args.repeats), *flags], check=True, capture_output=True, text=True)
+    return json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("job", nargs="?", default="jobs/demo.yaml")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default="mezo",
+                        help=f"comma-separated, or 'all' ({','.join(METHODS)})")
+    parser.add_argument("--cache-noise", action="store_true",
+                        help="also a MeZO row with method.cache_noise=true")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
+    parser.add_argument("--memory-mode", choices=["train", "inference"], help=argparse.SUPPRESS)
+    parser.add_argument("--timing-json", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_mode:
+        measure_memory(args, args.memory_mode)
+        return
     if args.timing_json:
-        if backend.rank == 0:
-            print(json.dumps({"forward": f, "step": s, "forwards": forwards,
-                              "world_size": backend.world_size}))
-        backend.close()
+        timing(args)
         return
 
-    peaks = {}
-    for mode in ("inference", "train"):
-        out = subprocess.run(
-            [sys.executable, __file__, args.job, *args.overrides, "--repeats", "2",
-             "--memory-mode", mode],
-            check=True, capture_output=True, text=True,
-        )
-        peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-
-    print(f"model {cfg.model.name_or_path} ({cfg.model.dtype}), method {cfg.method.name}, "
-          f"trainable {trainable:,} parameters, batch {cfg.train.batch_size}, "
-          f"{torch.get_num_threads()} threads, device {device}")
-    print(f"forward        {f * 1e3:9.1f} ms (median of {args.repeats})")
-    print(f"step           {s * 1e3:9.1f} ms ({forwards} forwards)")
-    print(f"step / forwards          {s / (forwards * f):6.2f}")
-    inf, tr = peaks["inference"], peaks["train"]
-    print(f"peak memory (process)  inference {inf['peak_bytes'] / 2**20:7.0f} MiB, training "
-          f"{tr['peak_bytes'] / 2**20:7.0f} MiB, ratio {tr['peak_bytes'] / inf['peak_bytes']:.2f}")
-    if device.type == "cpu":
-        print(f"peak RSS during the loop inference {inf['loop_peak_bytes'] / 2**20:7.0f} MiB, "
-              f"training {tr['loop_peak_bytes'] / 2**20:7.0f} MiB, ratio "
-              f"{tr['loop_peak_bytes'] / inf['loop_peak_bytes']:.2f}")
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    rows = [(m, m, []) for m in methods]
+    if args.cache_noise:
+        rows.append(("mezo+cache", "mezo", ["method.cache_noise=true"]))
+    print(f"{'method':11s} {'fwd/step':>8s} {'forward ms':>10s} {'step ms':>9s} "
+          f"{'step/fwds':>9s} {'mem train/inf':>13s} {'loop train/inf':>14s}", flush=True)
+    inference = None
+    for label, method, extra in rows:
+        t = _child(args, method, extra, ["--timing-json"])
+        mem = loop = "-"
+        if not args.no_memory:
+            if inference is None:
+                inference = _child(args, "mezo", [], ["--memory-mode", "inference"])
+            train = _child(args, method, extra, ["--memory-mode", "train"])
+            mem = f"{train['peak_bytes'] / inference['peak_bytes']:.2f}"
+            loop = (f"{train['loop_peak_bytes'] / 2**20:.0f}/"
+                    f"{inference['loop_peak_bytes'] / 2**20:.0f}MiB "
+                    f"{train['loop_peak_bytes'] / inference['loop_peak_bytes']:.2f}")
+        print(f"{label:11s} {t['forwards']:8d} {t['forward'] * 1e3:10.1f} "
+              f"{t['step'] * 1e3:9.1f} {t['step'] / (t['forwards'] * t['forward']):9.2f} "
+              f"{mem:>13s} {loop:>14s}", flush=True)
+    print(f"(job {args.job} {' '.join(args.overrides)}; {t['trainable']:,} trainable, "
+          f"{t['threads']} threads, device {t['device']}; fastest of {args.repeats} forwards and "
+          "steps, interleaved)")
 
 
 if __name__ == "__main__":

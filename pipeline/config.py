@@ -160,6 +160,13 @@ class MethodConfig:
         8192, "ZO-Act: activation rows kept per distinct layer input over the whole "
         "calibration, over all ranks", min=1,
     )
+    noise: str = _opt("gaussian", "distribution of the dense directions z: gaussian (the "
+                      "papers') or rademacher (±1, SPSA's original)",
+                      choices=["gaussian", "rademacher"])
+    cache_noise: bool = _opt(
+        False, "keep the step's noise in memory (4 bytes per trainable element and direction) "
+        "when it fits: one generation per step instead of three, same result bitwise",
+    )
 
 
 @dataclass

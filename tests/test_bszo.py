@@ -240,9 +240,9 @@ def test_bszo_b_direction_is_the_top_eigenvector_and_moves_along_it(tiny_model):
         base = [s.local.double() for s in shards]
         seeds, new = [11, 12], [1e-2 * float(c) for c in d]
         method._move(seeds, [0.0, 0.0], new)
-        for s, b in zip(shards, base):
+        for s, b in zip(shards, base):  # 2 fp32 roundings of weights |w| <= 1: up to 1.2e-7
             want = b + new[0] * _z(s, 11) + new[1] * _z(s, 12)
-            torch.testing.assert_close(s.local.double(), want, rtol=0, atol=1e-7)
+            torch.testing.assert_close(s.local.double(), want, rtol=0, atol=2e-7)
         method._move(seeds, new, [0.0, 0.0])
         for s, b in zip(shards, base):
             torch.testing.assert_close(s.local.double(), b, rtol=0, atol=0 if master else 3e-7)

@@ -1,13 +1,19 @@
 """Moving the stored weights along a regenerated direction, with or without fp32 masters.
 
 A method says where the stored weights should be (``θ + α z`` for the direction of ``seed``) and
-this module gets them there by regenerating ``z`` block by block (no buffer of model size):
+this module gets them there by regenerating ``z`` (no buffer of model size):
 
 - without a master, the stored tensor is moved in place: ``w += (new - current) · z``. This is
   MeZO's arithmetic; in floating point ``θ + εz - 2εz + εz`` is not exactly ``θ``, so weights drift
   by about an ulp per step (measured in bench/restore_drift.py).
 - with an fp32 master, the stored weights are written as ``cast(master + α z)`` and restored as
   ``cast(master)`` without regenerating anything, so a step with learning rate 0 is bitwise exact.
+
+For the dense direction of a seed each shard costs ONE fused pass ``dst = ((src + z·a)·s + z·b)``
+that computes ``z`` from the element indices (:func:`pipeline.zo.noise.apply`, in the shard's
+noise kind), or reads it from the step's :class:`~pipeline.zo.noise_cache.NoiseCache` with the
+same fp32 operations. ``pieces`` directions (low-rank, activation-guided methods) go block by
+block.
 
 Every elementwise operation is multiply-then-add in a fixed order, so the result of an element does
 not depend on which rank holds it or where its shard starts.
@@ -19,13 +25,13 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from pipeline.zo.noise import iter_blocks
+from pipeline.zo import noise
+from pipeline.zo.noise import BLOCK, iter_blocks
 from pipeline.zo.shards import ParamShard
 
 
 def _on(z, shard: ParamShard):
-    """Noise is generated on the CPU (the same numbers whatever the device); a shard on a GPU
-    receives a copy."""
+    """A piece on another device than the shard's receives a copy."""
     return z if z.device == shard.local.device else z.to(shard.local.device, non_blocking=True)
 
 
@@ -37,24 +43,49 @@ def f32(x: float) -> float:
 Pieces = Callable[[ParamShard], Iterable[tuple[int, torch.Tensor]]]
 
 
+def z_blocks(seed: int, shard: ParamShard) -> Iterable[tuple[int, torch.Tensor]]:
+    """The dense direction of ``seed`` on a shard (its noise kind, on its device, from its cache
+    when it has one): ``(offset, z)`` pieces as fresh fp32 tensors the caller may modify."""
+    if shard.cache is not None:
+        z = shard.cache.get(seed, shard)
+        return ((off, z[off : off + BLOCK].clone()) for off in range(0, shard.numel, BLOCK))
+    return iter_blocks(seed, shard.key, shard.start, shard.numel, shard.total, kind=shard.noise,
+                       device=shard.local.device)
+
+
 def gaussian_pieces(seed: int) -> Pieces:
-    """The isotropic Gaussian direction of ``seed``: ``(offset, z)`` blocks of a shard."""
-    return lambda shard: iter_blocks(seed, shard.key, shard.start, shard.numel, shard.total)
+    """The dense direction of ``seed`` (Gaussian unless the shard's ``noise`` says otherwise)."""
+    return lambda shard: z_blocks(seed, shard)
+
+
+def fused(shard: ParamShard, seed: int, dst: torch.Tensor, src: torch.Tensor,
+          a: float, s: float = 1.0, b: float = 0.0) -> None:
+    """``dst = ((src + z·a)·s + z·b)`` over the shard, ``z`` its dense direction of ``seed``."""
+    if shard.cache is None:
+        noise.apply(dst, src, seed, shard.key, shard.start, shard.total, a, s, b,
+                    kind=shard.noise)
+        return
+    z = shard.cache.get(seed, shard)
+    noise.apply_stored(dst, src, z, shard.total, a, s, b)
 
 
 def move(shards: Iterable[ParamShard], seed: int | None, current: float, new: float, *,
          pieces: Pieces | None = None) -> None:
     """Stored weights from ``θ + current·z`` to ``θ + new·z``.
 
-    ``z`` is the Gaussian of ``seed``, or the direction ``pieces`` yields for a shard (low-rank
-    and activation-guided methods), as fresh tensors this function may modify.
+    ``z`` is the dense direction of ``seed`` (one fused pass per shard), or the direction
+    ``pieces`` yields for a shard (low-rank and activation-guided methods), as fresh tensors this
+    function may modify.
     """
-    pieces = pieces or gaussian_pieces(seed)
     for shard in shards:
-        if shard.master is not None:
-            if new == 0.0:
-                shard.local.copy_(shard.master)
-                continue
+        if shard.master is not None and new == 0.0:
+            shard.local.copy_(shard.master)
+        elif pieces is None:
+            if shard.master is None:
+                fused(shard, seed, shard.local, shard.local, f32(new - current))
+            else:
+                fused(shard, seed, shard.local, shard.master, f32(new))
+        elif shard.master is not None:
             alpha = f32(new)
             for off, z in pieces(shard):
                 z, n = _on(z, shard), z.numel()
@@ -82,26 +113,30 @@ def update(
     applies only to shards with ``decay=True`` (not biases or norms). With masters the update
     goes to the master and the stored weights become ``cast(master)``.
     """
-    pieces = pieces or gaussian_pieces(seed)
     for shard in shards:
         c = coeff(shard) if callable(coeff) else coeff
         d = decay if shard.decay else 0.0
         target = shard.weights
-        if shard.master is None and d == 0.0:
+        restore = f32(-current) if shard.master is None else 0.0
+        scale, step = f32(1.0 - d), f32(c)
+        if pieces is None:
+            if shard.master is None and d == 0.0:
+                fused(shard, seed, target, target, f32(c - current))
+            else:
+                fused(shard, seed, target, target, restore, scale, step)
+        elif shard.master is None and d == 0.0:
             alpha = f32(c - current)
             for off, z in pieces(shard):
                 z = _on(z, shard)
                 target[off : off + z.numel()].add_(z.mul_(alpha))
-            continue
-        restore = f32(-current) if shard.master is None else 0.0
-        scale, step = f32(1.0 - d), f32(c)
-        for off, z in pieces(shard):
-            z = _on(z, shard)
-            piece = target[off : off + z.numel()]
-            if restore != 0.0:
-                piece.add_(z * restore)
-            if d != 0.0:
-                piece.mul_(scale)
-            piece.add_(z.mul_(step))
+        else:
+            for off, z in pieces(shard):
+                z = _on(z, shard)
+                piece = target[off : off + z.numel()]
+                if restore != 0.0:
+                    piece.add_(z * restore)
+                if d != 0.0:
+                    piece.mul_(scale)
+                piece.add_(z.mul_(step))
         if shard.master is not None:
             shard.local.copy_(shard.master)

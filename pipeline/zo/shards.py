@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,6 +25,8 @@ class ParamShard:
     local: torch.Tensor
     master: torch.Tensor | None = None
     decay: bool = True
+    noise: str = "gaussian"  # method.noise: the distribution of this shard's dense directions
+    cache: Any = None  # method.cache_noise: a NoiseCache shared by the method's shards, or None
 
     def __post_init__(self) -> None:
         if self.local.dim() != 1:

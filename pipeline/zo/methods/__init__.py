@@ -1,5 +1,6 @@
 """ZO methods, one file each, behind one interface (:mod:`pipeline.zo.methods.base`)."""
 
+from pipeline.zo import noise_cache
 from pipeline.zo.methods.agzo import AGZO
 from pipeline.zo.methods.base import StepContext, StepStats, ZOMethod
 from pipeline.zo.methods.bszo import BSZO
@@ -18,5 +19,12 @@ __all__ = ["METHODS", "StepContext", "StepStats", "ZOMethod", "build_method"]
 
 
 def build_method(cfg, shards) -> ZOMethod:
-    """The configured method over this rank's shards."""
-    return METHODS[cfg.method.name](cfg.method, shards)
+    """The configured method over this rank's shards (their noise kind and cache set from
+    ``method.noise`` and ``method.cache_noise``)."""
+    m = cfg.method
+    cache = None
+    if m.cache_noise:
+        cache = noise_cache.plan(shards, m.bszo_k if m.name == "bszo" else m.n_directions)
+    for shard in shards:
+        shard.noise, shard.cache = m.noise, cache
+    return METHODS[m.name](m, shards)

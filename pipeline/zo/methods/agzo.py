@@ -63,7 +63,7 @@ from pipeline.zo import perturb
 from pipeline.zo.activations import RowCapture, linear_modules, per_rank_cap, subspace_bases
 from pipeline.zo.methods.base import ReplayUnsupported, StepContext, StepStats
 from pipeline.zo.methods.lozo import low_rank_pieces
-from pipeline.zo.noise import gaussian, iter_blocks
+from pipeline.zo.noise import gaussian
 from pipeline.zo.perturb import f32
 from pipeline.zo.seeds import name_key, step_seed
 from pipeline.zo.shards import ParamShard
@@ -137,7 +137,7 @@ class AGZO:
             r, a = self._factors[shard.name]
             yield from low_rank_pieces(r, a, shard.start, shard.numel)
         else:
-            for off, z in iter_blocks(seed, shard.key, shard.start, shard.numel, shard.total):
+            for off, z in perturb.z_blocks(seed, shard):
                 yield off, z.to(shard.local.device)
 
     # -- moving the weights (LOZO's arithmetic with this method's directions) -------------------

@@ -58,7 +58,6 @@ import torch
 
 from pipeline.zo import perturb
 from pipeline.zo.methods.base import StepContext, StepStats
-from pipeline.zo.noise import iter_blocks
 from pipeline.zo.perturb import f32
 from pipeline.zo.seeds import step_seed
 from pipeline.zo.shards import ParamShard
@@ -143,8 +142,7 @@ class BSZO:
             perturb.move(masters, seeds[i], current[i], new[i])
             return
         for shard in masters:  # cast(master + Σ new_i z_i), summed in direction order
-            gens = [iter_blocks(seeds[i], shard.key, shard.start, shard.numel, shard.total)
-                    for i in active]
+            gens = [perturb.z_blocks(seeds[i], shard) for i in active]
             for pieces in zip(*gens):
                 off, n = pieces[0][0], pieces[0][1].numel()
                 acc = shard.master[off : off + n].clone()

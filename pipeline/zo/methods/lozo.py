@@ -49,7 +49,7 @@ import torch
 
 from pipeline.zo import perturb
 from pipeline.zo.methods.base import StepContext, StepStats
-from pipeline.zo.noise import BLOCK, gaussian, iter_blocks
+from pipeline.zo.noise import BLOCK, gaussian
 from pipeline.zo.seeds import name_key, step_seed
 from pipeline.zo.shards import ParamShard
 
@@ -125,7 +125,7 @@ class LOZO:
             u, v = self._factors(shard, seeds)
             yield from low_rank_pieces(u, v, shard.start, shard.numel)
         else:
-            for off, z in iter_blocks(seeds[0], shard.key, shard.start, shard.numel, shard.total):
+            for off, z in perturb.z_blocks(seeds[0], shard):
                 yield off, z.to(shard.local.device)
 
     # -- moving the weights: perturb.move / perturb.update with this method's directions --------

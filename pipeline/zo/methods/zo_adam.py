@@ -45,9 +45,9 @@ from typing import Any
 
 import torch
 
+from pipeline.zo import perturb
 from pipeline.zo.methods.base import StepContext, StepStats
 from pipeline.zo.methods.mezo import MeZO
-from pipeline.zo.noise import iter_blocks
 from pipeline.zo.perturb import f32
 from pipeline.zo.shards import ParamShard
 
@@ -100,8 +100,7 @@ class ZOAdam(MeZO):
             restore = f32(-self._last_at) if shard.master is None else 0.0
             scale = f32(1 - lr * self.cfg.weight_decay) if shard.decay else 1.0
             m, v = self.exp_avg[shard.name], self.exp_avg_sq[shard.name]
-            gens = [iter_blocks(s, shard.key, shard.start, shard.numel, shard.total)
-                    for s in seeds]
+            gens = [perturb.z_blocks(s, shard) for s in seeds]
             for pieces in zip(*gens):
                 off = pieces[0][0]
                 zs = [z.to(target.device) for _, z in pieces]
