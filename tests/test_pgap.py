@@ -272,25 +272,31 @@ def test_non_finite_loss_skips_and_keeps_the_weights(tiny_model, tiny_batch):
 # -- the estimator against autograd -------------------------------------------------------------
 
 def test_single_estimate_cosine_beats_mezo_after_a_refresh(tiny_model, tiny_batch):
-    """After one refresh (q = 10), one P-GAP estimate c Δ and one two-sided MeZO estimate c z (2
-    forwards each, weights held by lr 0): mean cosine to the autograd gradient over 60 steps.
-    Rank 4 (the tiny model's weights are 32-64 wide; r = 128 would be the whole matrix space).
-    Measured here: P-GAP about 0.0123 ± 0.0063 (one estimate), MeZO about 0.0061 ± 0.0052."""
-    backend, pgap = _setup(tiny_model, pgap_rank=4, pgap_q=10, pgap_refresh_every=10**6)
-    mezo = MeZO(MethodConfig(name="mezo", two_sided=True), backend.shards())
-    grad = _gradient(tiny_model, [s.name for s in pgap.shards], tiny_batch)
+    """After a refresh, one P-GAP estimate c Δ and one two-sided MeZO estimate c z (2 forwards
+    each, weights held by lr 0): mean cosine to the autograd gradient over 3 refreshes (run
+    seeds) of 15 steps each. Rank 4 (the tiny model's weights are 32-64 wide; r = 128 would be
+    the whole matrix space). The gain grows with the refresh's quality: with q = 100 probes,
+    measured P-GAP 0.022 ± 0.002 against MeZO 0.007. With the paper's q = 10 it is within the
+    noise on this model (6 refreshes: 0.0065 vs 0.0063, standard error 0.0005); an earlier
+    version of this test passed at q = 10 on one lucky refresh."""
     ours, theirs = [], []
-    for step in range(60):
-        stats = pgap.step(StepContext(step, 0, 0.0, tiny_batch, backend))
-        pgap.set_cores(stats.seeds[0])
-        delta = torch.cat([_dense(pgap, s, stats.seeds[0]) for s in pgap.shards])
-        ours.append(_cos(stats.projected_grad[0] * delta, grad))
-        stats = mezo.step(StepContext(step, 0, 0.0, tiny_batch, backend))
-        assert stats.forwards == 2
-        z = torch.cat([gaussian(stats.seeds[0], s.key, 0, s.numel) for s in backend.shards()])
-        theirs.append(_cos(stats.projected_grad[0] * z.double(), grad))
+    for run_seed in range(3):
+        backend, pgap = _setup(tiny_model, pgap_rank=4, pgap_q=100, pgap_refresh_every=10**6)
+        mezo = MeZO(MethodConfig(name="mezo", two_sided=True), backend.shards())
+        grad = _gradient(tiny_model, [s.name for s in pgap.shards], tiny_batch)
+        for step in range(15):
+            stats = pgap.step(StepContext(step, run_seed, 0.0, tiny_batch, backend))
+            pgap.set_cores(stats.seeds[0])
+            delta = torch.cat([_dense(pgap, s, stats.seeds[0]) for s in pgap.shards])
+            ours.append(_cos(stats.projected_grad[0] * delta, grad))
+            stats = mezo.step(StepContext(step, run_seed, 0.0, tiny_batch, backend))
+            assert stats.forwards == 2
+            z = torch.cat([gaussian(stats.seeds[0], s.key, 0, s.numel)
+                           for s in backend.shards()])
+            theirs.append(_cos(stats.projected_grad[0] * z.double(), grad))
     p, m = sum(ours) / len(ours), sum(theirs) / len(theirs)
-    assert p > 1.5 * m and p - m > 0.003, (p, m)
+    spread = torch.tensor(ours).std().item() / len(ours) ** 0.5
+    assert p - m > 3 * spread, (p, m, spread)
 
 
 # -- replay and resume --------------------------------------------------------------------------
