@@ -335,3 +335,21 @@ def test_two_ranks_share_bitwise_bases_and_track_one_process(backend, tiny_model
     assert max(abs(x - y) for x, y in zip(r0["loss"], one["loss"])) < 1e-5
     assert max(abs(x[0] - y[0]) for x, y in zip(r0["grad"], one["grad"])) < 1e-2
 
+
+
+def test_basis_columns_have_a_canonical_sign():
+    """A basis vector's sign is arbitrary, and qr/eigh may flip it for rounding-level changes
+    of their input (1 vs 2 ranks); the methods use the columns as they are, so every column is
+    returned with its largest-magnitude entry positive, for input X and for -X alike."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 6, generator=gen) * torch.tensor([5.0, 3, 2, 1, 1, 1])
+
+    def basis(rows, ritz):
+        return subspace_bases([("a", [rows])], 2, 30, 1, lambda t: t.double(), oversample=2,
+                              ritz=ritz)[0]
+
+    for ritz in (False, True):
+        a = basis(x, ritz)
+        top = a.abs().argmax(dim=0)
+        assert (a[top, torch.arange(2)] > 0).all()
+        torch.testing.assert_close(basis(-x, ritz), a, atol=1e-5, rtol=0)

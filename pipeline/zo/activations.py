@@ -218,9 +218,22 @@ def subspace_bases(groups: list[tuple[str, list[torch.Tensor]]], rank: int, iter
             small = q.T @ y
             vals, vecs = torch.linalg.eigh((small + small.T) / 2)
             order = torch.argsort(vals, descending=True)[:r]
-            bases.append((q @ vecs[:, order]).float())
+            bases.append(_signed(q @ vecs[:, order]).float())
         return bases
-    return [q[:, : r].float().contiguous() for q, (_, _, r) in zip(qs, shapes)]
+    return [_signed(q[:, : r]).float().contiguous() for q, (_, _, r) in zip(qs, shapes)]
+
+
+def _signed(basis: torch.Tensor) -> torch.Tensor:
+    """Each column flipped so that its largest-magnitude entry is positive.
+
+    A basis vector is defined up to sign, and which sign ``qr``/``eigh`` return can flip under
+    rounding-level changes of their input (e.g. the rank-order sums of 1 vs 2 ranks). The sign
+    matters to the methods: ZO-Act's perturbation ``Z Vᵀ`` and AGZO's ``R Aᵀ`` use the columns
+    as they are, so a flipped column would send a run at another world size along the opposite
+    direction for the same seed."""
+    top = basis.abs().argmax(dim=0)
+    signs = torch.sign(basis.gather(0, top.unsqueeze(0)))
+    return basis * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def per_rank_cap(total: int, world_size: int) -> int:
