@@ -234,11 +234,15 @@ def _meta_view(shard):
 def _recording(blocks: Counter, calls: list[dict]):
     """Noise blocks recorded instead of drawn; collectives counted (all-gathers filled with this
     rank's tensor, as if every rank sent the same)."""
-    original_block = noise._block
+    original_apply = noise.apply
 
-    def block(seed, key, index, total):
-        blocks[(key, index)] += 1
-        return torch.zeros(min(noise.BLOCK, total - index * noise.BLOCK))
+    def apply(dst, src, seed, key, start, total, *args, **kwargs):
+        """One fused noise pass over ``[start, start + n)``: recorded as the ``BLOCK``-aligned
+        pieces it covers, nothing computed (the tensors are on the meta device)."""
+        n = dst.numel()
+        if n > 0:
+            for index in range(start // noise.BLOCK, (start + n - 1) // noise.BLOCK + 1):
+                blocks[(key, index)] += 1
 
     originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
 
@@ -257,13 +261,13 @@ def _recording(blocks: Counter, calls: list[dict]):
 
         return call
 
-    noise._block = block
+    noise.apply = apply
     for name, fn in originals.items():
         setattr(dist, name, counting(name, fn))
     try:
         yield
     finally:
-        noise._block = original_block
+        noise.apply = original_apply
         for name, fn in originals.items():
             setattr(dist, name, fn)
 
