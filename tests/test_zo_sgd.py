@@ -133,3 +133,27 @@ def test_momentum_restored_without_its_buffer_refuses_to_step(tiny_model, tiny_b
     assert all(torch.equal(before[n], p) for n, p in _params(tiny_model).items())
     method.load_shard_state(method.shard_state())
     assert method.step(StepContext(2, 0, 1e-3, tiny_batch, backend)).forwards == 2
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_update_uses_the_noise_kind_it_measured(tiny_model, tiny_batch, cache):
+    """With method.noise=rademacher (and the noise cache) the update regenerates the same ±1
+    directions the perturbation used, not Gaussian ones."""
+    from types import SimpleNamespace
+
+    from pipeline.zo.methods import build_method
+    from pipeline.zo.noise import noise
+
+    backend = SingleBackend(tiny_model, trainable_names(tiny_model, NAMES), "cpu", master=True)
+    cfg = MethodConfig(name="zo_sgd_mmt", noise="rademacher", cache_noise=cache,
+                       sgd_momentum=0.0)
+    method = build_method(SimpleNamespace(method=cfg), backend.shards())
+    shards = backend.shards()
+    before = [s.master.clone() for s in shards]
+    stats = method.step(StepContext(0, 0, 1e-2, tiny_batch, backend))
+    (g,), (seed,) = stats.projected_grad, stats.seeds
+    for shard, b in zip(shards, before):
+        z = noise(seed, shard.key, shard.start, shard.numel, shard.total, kind="rademacher")
+        assert set(z.unique().tolist()) == {-1.0, 1.0}
+        want = b - 1e-2 * (torch.tensor(g, dtype=torch.float32) * z)
+        torch.testing.assert_close(shard.master, want, rtol=0, atol=1e-7)

@@ -21,7 +21,7 @@ not depend on which rank holds it or where its shard starts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -51,6 +51,28 @@ def z_blocks(seed: int, shard: ParamShard) -> Iterable[tuple[int, torch.Tensor]]
         return ((off, z[off : off + BLOCK].clone()) for off in range(0, shard.numel, BLOCK))
     return iter_blocks(seed, shard.key, shard.start, shard.numel, shard.total, kind=shard.noise,
                        device=shard.local.device)
+
+
+def estimate_blocks(shard: ParamShard, seeds: list[int], coeffs: list[float],
+                    restore: float) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """``(slice, weights, ĝ)`` block by block over a shard, for methods that feed MeZO's estimate
+    ``ĝ = Σ_i coeffs[i]·z_i`` to another rule (ZO-Adam, ZO-SGD): each ``z_i`` is regenerated
+    once (or read from the cache) and, when ``restore`` is not 0 (no master), the stored weights
+    at ``θ + ε z_last`` are first moved back by ``restore·z_last``. ``weights`` is the slice of
+    the tensor to update (the master, or the stored weights), ``ĝ`` a fresh fp32 tensor."""
+    target = shard.weights
+    gens = [z_blocks(s, shard) for s in seeds]
+    for pieces in zip(*gens):
+        off = pieces[0][0]
+        zs = [z.to(target.device) for _, z in pieces]
+        sl = slice(off, off + zs[0].numel())
+        w = target[sl]
+        if restore != 0.0:
+            w.add_(zs[-1] * restore)
+        grad = zs[0].mul_(coeffs[0])
+        for c, z in zip(coeffs[1:], zs[1:]):
+            grad.add_(z.mul_(c))
+        yield sl, w, grad
 
 
 def gaussian_pieces(seed: int) -> Pieces:

@@ -96,21 +96,10 @@ class ZOAdam(MeZO):
         one_b1, one_b2 = f32(1 - b1), f32(1 - b2)
         b1, b2 = f32(b1), f32(b2)
         for shard in self.shards:
-            target = shard.weights
             restore = f32(-self._last_at) if shard.master is None else 0.0
             scale = f32(1 - lr * self.cfg.weight_decay) if shard.decay else 1.0
             m, v = self.exp_avg[shard.name], self.exp_avg_sq[shard.name]
-            gens = [perturb.z_blocks(s, shard) for s in seeds]
-            for pieces in zip(*gens):
-                off = pieces[0][0]
-                zs = [z.to(target.device) for _, z in pieces]
-                sl = slice(off, off + zs[0].numel())
-                w = target[sl]
-                if restore != 0.0:
-                    w.add_(zs[-1] * restore)
-                grad = zs[0].mul_(coeffs[0])
-                for c, z in zip(coeffs[1:], zs[1:]):
-                    grad.add_(z.mul_(c))
+            for sl, w, grad in perturb.estimate_blocks(shard, seeds, coeffs, restore):
                 m[sl].mul_(b1).add_(grad * one_b1)
                 v[sl].mul_(b2).add_(grad.mul_(grad).mul_(one_b2))
                 denom = v[sl].sqrt().div_(bc2_sqrt).add_(eps)

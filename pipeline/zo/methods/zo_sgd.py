@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 from pipeline.zo.methods.mezo import MeZO
-from pipeline.zo.noise import iter_blocks
-from pipeline.zo.perturb import f32
+from pipeline.zo.perturb import estimate_blocks, f32
 from pipeline.zo.shards import ParamShard
 
 MOMENTUM = "momentum::"
@@ -41,21 +40,9 @@ class _EstimateRule(MeZO):
         coeffs = [f32(g / n) for g in grads]
         step = f32(-lr)
         for shard in self.shards:
-            target = shard.weights
             restore = f32(-self._last_at) if shard.master is None else 0.0
             scale = f32(1 - lr * self.cfg.weight_decay) if shard.decay else 1.0
-            gens = [iter_blocks(s, shard.key, shard.start, shard.numel, shard.total)
-                    for s in seeds]
-            for pieces in zip(*gens):
-                off = pieces[0][0]
-                zs = [z.to(target.device) for _, z in pieces]
-                sl = slice(off, off + zs[0].numel())
-                w = target[sl]
-                if restore != 0.0:
-                    w.add_(zs[-1] * restore)
-                grad = zs[0].mul_(coeffs[0])
-                for c, z in zip(coeffs[1:], zs[1:]):
-                    grad.add_(z.mul_(c))
+            for sl, w, grad in estimate_blocks(shard, seeds, coeffs, restore):
                 if scale != 1.0:
                     w.mul_(scale)
                 w.add_(self._rule(shard, sl, grad).mul_(step))
