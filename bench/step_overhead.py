@@ -27,16 +27,13 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from pipeline.config import load_config
+from pipeline.parallel.comm_count import counting, summary
 from pipeline.train import build
 from pipeline.zo.methods import METHODS, StepContext
-
-sys.path.insert(0, str(Path(__file__).parent))
-from comm_count import counting, summary  # noqa: E402
 
 # ZO-Act's first steps calibrate its basis; one calibration batch makes the timed steps real ones
 METHOD_OVERRIDES = {"zoact": ["method.zoact_calib_batches=1"]}

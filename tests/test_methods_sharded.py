@@ -101,7 +101,7 @@ def test_bszo_communicates_at_most_k_plus_1_scalars_per_step(backend, small, tmp
     assert proc.returncode == 0, proc.stdout + proc.stderr
     calls = [c for c in json.loads(out.read_text()) if not c["in_forward"]]
     # Alg. 1 (m = k + 1): L0 and the k axis losses in one all-gather of k + 1 = 3 scalars
-    assert calls == [{"op": "all_gather", "numel": 3, "in_forward": False}]
+    assert calls == [{"op": "all_gather", "numel": 3, "bytes": 24, "in_forward": False}]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

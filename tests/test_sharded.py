@@ -114,4 +114,4 @@ def test_a_step_communicates_one_collective_of_a_few_scalars(backend, small, tmp
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     calls = [c for c in json.loads(out.read_text()) if not c["in_forward"]]
-    assert calls == [{"op": "all_gather", "numel": 2, "in_forward": False}]
+    assert calls == [{"op": "all_gather", "numel": 2, "bytes": 16, "in_forward": False}]

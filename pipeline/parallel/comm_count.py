@@ -2,7 +2,8 @@
 
 :func:`counting` wraps the torch.distributed collectives for the duration of a ``with`` block and
 marks calls made inside ``backend.loss`` (FSDP2 / ZeRO-3 gathers, which inference pays too); the
-rest is the step's own communication. Used by bench/step_overhead.py under torchrun.
+rest is the step's own communication. Used by bench/step_overhead.py under torchrun and by the
+tests' rank worker (tests/workers/count_collectives.py).
 """
 
 from __future__ import annotations
@@ -17,19 +18,20 @@ COUNTED = ("all_gather", "all_reduce", "broadcast", "all_gather_object", "broadc
            "reduce_scatter_tensor")
 
 
-def _bytes(values) -> int:
-    total = 0
+def _tensors(values) -> list[torch.Tensor]:
+    out = []
     for v in values:
         if isinstance(v, torch.Tensor):
-            total += v.numel() * v.element_size()
+            out.append(v)
         elif isinstance(v, (list, tuple)):
-            total += _bytes(v)
-    return total
+            out += _tensors(v)
+    return out
 
 
 @contextlib.contextmanager
 def counting(backend):
-    """Yields a list that fills with ``{"op", "bytes", "in_forward"}`` per collective call."""
+    """Yields a list that fills with ``{"op", "numel", "bytes", "in_forward"}`` per collective
+    call (``numel``/``bytes``: of the tensors it sends)."""
     calls: list[dict] = []
     inside = [False]
     forward = backend.loss
@@ -47,7 +49,9 @@ def counting(backend):
         def counted(*args, **kwargs):
             # a list given as the first argument of all_gather is the output: count the inputs
             sent = args[1:] if name == "all_gather" else args
-            calls.append({"op": name, "bytes": _bytes([*sent, *kwargs.values()]),
+            tensors = _tensors([*sent, *kwargs.values()])
+            calls.append({"op": name, "numel": sum(t.numel() for t in tensors),
+                          "bytes": sum(t.numel() * t.element_size() for t in tensors),
                           "in_forward": inside[0]})
             return original(*args, **kwargs)
         return counted
