@@ -28,6 +28,27 @@ def tiny_model():
     return model
 
 
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """A copy of every parameter of ``model``."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def restore(model, saved: dict[str, torch.Tensor]) -> None:
+    """Write a :func:`snapshot` back into ``model``."""
+    for n, p in model.named_parameters():
+        p.data.copy_(saved[n])
+
+
+def mezo_estimate(shard, stats) -> torch.Tensor:
+    """MeZO's ĝ = (1/n) Σ g_i z_i of a step's stats on one shard (Gaussian z), fp32."""
+    from pipeline.zo.noise import gaussian
+
+    n = len(stats.seeds)
+    return sum(torch.tensor(g / n, dtype=torch.float32)
+               * gaussian(s, shard.key, shard.start, shard.numel, shard.total)
+               for g, s in zip(stats.projected_grad, stats.seeds))
+
+
 def make_batch(n: int = 8, length: int = 10, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     items = []

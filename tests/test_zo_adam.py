@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import mezo_estimate, restore, snapshot
 
 from pipeline.config import MethodConfig
 from pipeline.parallel import trainable_names
@@ -20,23 +21,6 @@ NAMES = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.input_layernorm.
 def _setup(model, patterns=NAMES, master=True, **method):
     backend = SingleBackend(model, trainable_names(model, list(patterns)), "cpu", master=master)
     return backend, ZOAdam(MethodConfig(name="zo_adam", **method), backend.shards())
-
-
-def _params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _restore(model, saved):
-    for n, p in model.named_parameters():
-        p.data.copy_(saved[n])
-
-
-def _estimate(shard, stats):
-    """ĝ = (1/n) Σ g_i z_i of one shard, fp32."""
-    n = len(stats.seeds)
-    return sum(torch.tensor(g / n, dtype=torch.float32)
-               * gaussian(s, shard.key, shard.start, shard.numel, shard.total)
-               for g, s in zip(stats.projected_grad, stats.seeds))
 
 
 def test_first_step_is_the_closed_form_adam_step(tiny_model, tiny_batch):
@@ -75,7 +59,7 @@ def test_steps_equal_torch_adam_fed_the_same_estimates(tiny_model, tiny_batch, n
     for step in range(6):
         stats = adam.step(StepContext(step, 1, 1e-3, tiny_batch, backend))
         for p, shard in zip(ref, shards):
-            p.grad = _estimate(shard, stats)
+            p.grad = mezo_estimate(shard, stats)
         reference.step()
     for p, shard, p0 in zip(ref, shards, start):
         torch.testing.assert_close(shard.master, p.detach(), rtol=0, atol=1e-6)
@@ -85,16 +69,16 @@ def test_steps_equal_torch_adam_fed_the_same_estimates(tiny_model, tiny_batch, n
 
 def test_lr_zero_restores_bitwise_with_masters(tiny_model, tiny_batch):
     backend, adam = _setup(tiny_model, ["*"])
-    before = _params(tiny_model)
+    before = snapshot(tiny_model)
     for step in range(2):
         adam.step(StepContext(step, 0, 0.0, tiny_batch, backend))
-    assert all(torch.equal(before[n], p) for n, p in _params(tiny_model).items())
+    assert all(torch.equal(before[n], p) for n, p in snapshot(tiny_model).items())
     assert adam.t == 2 and any(m.abs().sum() > 0 for m in adam.exp_avg.values())
 
 
 @pytest.mark.parametrize("master", [True, False])
 def test_replay_recomputes_the_moments_bitwise(tiny_model, tiny_batch, master):
-    initial = _params(tiny_model)
+    initial = snapshot(tiny_model)
     backend, adam = _setup(tiny_model, master=master, weight_decay=0.1)
     records = []
     for step in range(4):
@@ -102,12 +86,12 @@ def test_replay_recomputes_the_moments_bitwise(tiny_model, tiny_batch, master):
         records.append(json.loads(json.dumps(
             {"step": step + 1, "seeds": stats.seeds, "projected_grad": stats.projected_grad,
              "lr": 1e-3, "skipped": stats.skipped, **stats.extra})))
-    trained = _params(tiny_model)
-    _restore(tiny_model, initial)
+    trained = snapshot(tiny_model)
+    restore(tiny_model, initial)
     _, replayer = _setup(tiny_model, master=master, weight_decay=0.1)
     for record in records:
         replayer.replay(record)
-    assert all(torch.equal(trained[n], p) for n, p in _params(tiny_model).items())
+    assert all(torch.equal(trained[n], p) for n, p in snapshot(tiny_model).items())
     assert replayer.t == adam.t == 4
     state, replayed = adam.shard_state(), replayer.shard_state()
     assert state.keys() == replayed.keys() and all(torch.equal(state[k], replayed[k])
@@ -118,26 +102,26 @@ def test_resume_needs_the_shard_state_and_then_continues_bitwise(tiny_model, tin
     backend, adam = _setup(tiny_model)
     for step in range(2):
         adam.step(StepContext(step, 0, 1e-3, tiny_batch, backend))
-    scalars, moments, weights = adam.state_dict(), adam.shard_state(), _params(tiny_model)
+    scalars, moments, weights = adam.state_dict(), adam.shard_state(), snapshot(tiny_model)
     assert scalars == {"t": 2}
     assert set(moments) == {f"{p}{n}" for p in ("exp_avg::", "exp_avg_sq::") for n in NAMES}
     assert all(m.dtype == torch.float32 and m.numel() == s.numel
                for s in backend.shards() for k, m in moments.items() if k.endswith(s.name))
     adam.step(StepContext(2, 0, 1e-3, tiny_batch, backend))
-    uninterrupted = _params(tiny_model)
+    uninterrupted = snapshot(tiny_model)
 
-    _restore(tiny_model, weights)
+    restore(tiny_model, weights)
     backend2, resumed = _setup(tiny_model)
     resumed.load_state_dict(scalars)
     with pytest.raises(RuntimeError, match="load_shard_state"):
         resumed.step(StepContext(2, 0, 1e-3, tiny_batch, backend2))
-    assert all(torch.equal(weights[n], p) for n, p in _params(tiny_model).items())  # untouched
-    _restore(tiny_model, weights)
+    assert all(torch.equal(weights[n], p) for n, p in snapshot(tiny_model).items())  # untouched
+    restore(tiny_model, weights)
     backend2, resumed = _setup(tiny_model)
     resumed.load_shard_state(moments)  # either order
     resumed.load_state_dict(scalars)
     resumed.step(StepContext(2, 0, 1e-3, tiny_batch, backend2))
-    assert all(torch.equal(uninterrupted[n], p) for n, p in _params(tiny_model).items())
+    assert all(torch.equal(uninterrupted[n], p) for n, p in snapshot(tiny_model).items())
 
 
 def test_sharded_moments_and_update_equal_the_whole_bitwise():
@@ -168,9 +152,9 @@ def test_sharded_moments_and_update_equal_the_whole_bitwise():
 def test_non_finite_loss_skips_without_counting_a_step(tiny_model, tiny_batch):
     backend, adam = _setup(tiny_model, ["*.mlp.*"])
     tiny_model.model.norm.weight.fill_(float("nan"))
-    before = _params(tiny_model)
+    before = snapshot(tiny_model)
     stats = adam.step(StepContext(0, 0, 1e-3, tiny_batch, backend))
     assert stats.skipped and math.isnan(stats.loss) and adam.t == 0
     assert all(m.abs().sum() == 0 for m in adam.exp_avg.values())
-    after = _params(tiny_model)
+    after = snapshot(tiny_model)
     assert all(torch.equal(before[n], after[n]) or n == "model.norm.weight" for n in before)

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import mezo_estimate, restore, snapshot
 
 from pipeline.config import MethodConfig
 from pipeline.parallel import trainable_names
 from pipeline.parallel.single import SingleBackend
 from pipeline.zo.methods import METHODS, StepContext
 from pipeline.zo.methods.zo_sgd import ZOSGDMomentum, ZOSGDSign
-from pipeline.zo.noise import gaussian
 
 NAMES = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.input_layernorm.weight"]
 
@@ -18,23 +18,6 @@ NAMES = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.input_layernorm.
 def _setup(model, name, patterns=NAMES, master=True, **method):
     backend = SingleBackend(model, trainable_names(model, list(patterns)), "cpu", master=master)
     return backend, METHODS[name](MethodConfig(name=name, **method), backend.shards())
-
-
-def _params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _restore(model, saved):
-    for n, p in model.named_parameters():
-        p.data.copy_(saved[n])
-
-
-def _estimate(shard, stats):
-    """ĝ = (1/n) Σ g_i z_i of one shard, fp32."""
-    n = len(stats.seeds)
-    return sum(torch.tensor(g / n, dtype=torch.float32)
-               * gaussian(s, shard.key, shard.start, shard.numel, shard.total)
-               for g, s in zip(stats.projected_grad, stats.seeds))
 
 
 @pytest.mark.parametrize(("n_directions", "weight_decay"), [(1, 0.0), (2, 0.1)])
@@ -50,7 +33,7 @@ def test_momentum_steps_equal_torch_sgd_fed_the_same_estimates(tiny_model, tiny_
     for step in range(5):
         stats = method.step(StepContext(step, 1, lr, tiny_batch, backend))
         for p, m, shard in zip(ref, bufs, shards):  # m ← β m + ĝ; θ ← (1 - ηλ)θ - η m
-            m.mul_(0.9).add_(_estimate(shard, stats))
+            m.mul_(0.9).add_(mezo_estimate(shard, stats))
             p.mul_(1 - lr * (weight_decay if shard.decay else 0.0)).add_(m, alpha=-lr)
     for p, shard in zip(ref, shards):
         torch.testing.assert_close(shard.master, p, rtol=0, atol=1e-6)
@@ -64,7 +47,7 @@ def test_sign_step_moves_every_element_by_lr(tiny_model, tiny_batch):
     before = [s.master.clone() for s in shards]
     stats = method.step(StepContext(0, 0, 1e-3, tiny_batch, backend))
     for shard, b in zip(shards, before):
-        want = b - 1e-3 * _estimate(shard, stats).sign()
+        want = b - 1e-3 * mezo_estimate(shard, stats).sign()
         torch.testing.assert_close(shard.master, want, rtol=0, atol=1e-7)
         assert torch.equal(shard.local, shard.master)
 
@@ -72,7 +55,7 @@ def test_sign_step_moves_every_element_by_lr(tiny_model, tiny_batch):
 @pytest.mark.parametrize("name", ["zo_sgd_mmt", "zo_sgd_sign"])
 @pytest.mark.parametrize("master", [True, False])
 def test_replay_equals_the_run_bitwise(tiny_model, tiny_batch, name, master):
-    initial = _params(tiny_model)
+    initial = snapshot(tiny_model)
     backend, method = _setup(tiny_model, name, ["*"], master=master, weight_decay=0.1)
     records = []
     for step in range(3):
@@ -80,22 +63,22 @@ def test_replay_equals_the_run_bitwise(tiny_model, tiny_batch, name, master):
         records.append(json.loads(json.dumps(
             {"step": step + 1, "seeds": stats.seeds, "projected_grad": stats.projected_grad,
              "lr": 1e-3, "skipped": stats.skipped, **stats.extra})))
-    trained = _params(tiny_model)
-    _restore(tiny_model, initial)
+    trained = snapshot(tiny_model)
+    restore(tiny_model, initial)
     _, replayer = _setup(tiny_model, name, ["*"], master=master, weight_decay=0.1)
     for record in records:
         replayer.replay(record)
-    assert all(torch.equal(trained[n], p) for n, p in _params(tiny_model).items())
+    assert all(torch.equal(trained[n], p) for n, p in snapshot(tiny_model).items())
     assert any(not torch.equal(trained[n], initial[n]) for n in trained)
 
 
 def test_lr_zero_restores_bitwise_with_masters(tiny_model, tiny_batch):
     for name in ("zo_sgd_mmt", "zo_sgd_sign"):
         backend, method = _setup(tiny_model, name, ["*"])
-        before = _params(tiny_model)
+        before = snapshot(tiny_model)
         for step in range(2):
             method.step(StepContext(step, 0, 0.0, tiny_batch, backend))
-        assert all(torch.equal(before[n], p) for n, p in _params(tiny_model).items()), name
+        assert all(torch.equal(before[n], p) for n, p in snapshot(tiny_model).items()), name
 
 
 def test_momentum_resume_needs_the_buffer_and_then_continues_bitwise(tiny_job, tmp_path):
@@ -126,11 +109,11 @@ def test_momentum_resume_needs_the_buffer_and_then_continues_bitwise(tiny_job, t
 
 def test_momentum_restored_without_its_buffer_refuses_to_step(tiny_model, tiny_batch):
     backend, method = _setup(tiny_model, "zo_sgd_mmt")
-    before = _params(tiny_model)
+    before = snapshot(tiny_model)
     method.load_state_dict({"t": 2})
     with pytest.raises(RuntimeError, match="load_shard_state"):
         method.step(StepContext(2, 0, 1e-3, tiny_batch, backend))
-    assert all(torch.equal(before[n], p) for n, p in _params(tiny_model).items())
+    assert all(torch.equal(before[n], p) for n, p in snapshot(tiny_model).items())
     method.load_shard_state(method.shard_state())
     assert method.step(StepContext(2, 0, 1e-3, tiny_batch, backend)).forwards == 2
 
