@@ -28,6 +28,29 @@ def tiny_model():
     return model
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test (bitwise comparisons of reductions), then restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def record_reductions(backend) -> list[int]:
+    """Make ``backend.all_reduce_mean`` record the size of every tensor it reduces; returns the
+    list it appends to."""
+    sizes: list[int] = []
+    reduce = backend.all_reduce_mean
+
+    def counting(tensor):
+        sizes.append(tensor.numel())
+        return reduce(tensor)
+
+    backend.all_reduce_mean = counting
+    return sizes
+
+
 def snapshot(model) -> dict[str, torch.Tensor]:
     """A copy of every parameter of ``model``."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_method_ranks
+from conftest import record_reductions, run_method_ranks
 
 from pipeline.config import MethodConfig
 from pipeline.models.objective import batch_loss
@@ -28,11 +28,8 @@ PROJ = "*proj.weight"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def _cfg(**method):
@@ -206,14 +203,7 @@ def test_update_is_minus_lr_g_r_at(tiny_model, tiny_batch):
 
 def test_a_step_communicates_k_basis_reductions_and_one_of_losses(tiny_model, tiny_batch):
     backend, agzo = _setup(tiny_model, [PROJ], two_sided=False, agzo_iters=3)
-    sizes = []
-    reduce = backend.all_reduce_mean
-
-    def counting(tensor):
-        sizes.append(tensor.numel())
-        return reduce(tensor)
-
-    backend.all_reduce_mean = counting
+    sizes = record_reductions(backend)
     agzo.step(StepContext(0, 0, 1e-3, tiny_batch, backend))
     # per block, 4 distinct inputs: attention (32), o_proj (32), MLP (32), down_proj (48); r = 1
     assert sizes == [2 * (32 + 32 + 32 + 48)] * 3 + [2]

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from conftest import record_reductions
 
 from pipeline.config import MethodConfig
 from pipeline.models.objective import batch_loss
@@ -21,11 +22,8 @@ from pipeline.zo.seeds import name_key
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def _params(model):
@@ -243,14 +241,7 @@ def test_a_step_communicates_the_losses_and_a_refresh_thin_products(tiny_model, 
     name = "model.layers.0.mlp.down_proj.weight"  # (32, 48), rank 4: k = 14
     backend, pgap = _setup(tiny_model, [name, "model.norm.weight"], pgap_rank=4, pgap_q=3,
                            pgap_power_iters=1)
-    sizes = []
-    reduce = backend.all_reduce_mean
-
-    def counting(tensor):
-        sizes.append(tensor.numel())
-        return reduce(tensor)
-
-    backend.all_reduce_mean = counting
+    sizes = record_reductions(backend)
     pgap.step(StepContext(0, 0, 1e-3, tiny_batch, backend))
     assert sizes == [6, 32 * 14, 48 * 14, 32 * 14, 48 * 14, 2]
     sizes.clear()

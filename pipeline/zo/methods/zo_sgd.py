@@ -18,6 +18,7 @@ momentum is recomputed), with the run's fp32 arithmetic, so bitwise.
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -29,11 +30,12 @@ from pipeline.zo.shards import ParamShard
 MOMENTUM = "momentum::"
 
 
-class _EstimateRule(MeZO):
+class _EstimateRule(MeZO, abc.ABC):
     """MeZO's measurement, then ``θ ← (1 - ηλ) θ - η rule(ĝ)`` block by block."""
 
+    @abc.abstractmethod
     def _rule(self, shard: ParamShard, sl: slice, grad: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The step direction of the elements ``sl`` of ``shard`` from their ``ĝ``."""
 
     def _apply(self, seeds: list[int], grads: list[float], lr: float) -> None:
         n = len(seeds)
