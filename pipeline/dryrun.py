@@ -24,7 +24,8 @@ fake process group (``torch.testing._internal.distributed.fake_pg``): this proce
    are recorded, not drawn. Every ``torch.distributed`` collective the step issues is counted with
    its element count; under the fake group an all-gather returns this rank's tensor from every
    rank. A method that calibrates first (ZO-Act) runs its calibration steps, and the step
-   reported is its first training step.
+   reported is its first training step. A perturbed forward writes every shard's perturbation
+   once (what the backend's gather does), into meta buffers.
 """
 
 from __future__ import annotations
@@ -186,17 +187,21 @@ class _Batch:
 class _DryBackend:
     """The real backend, with a loss that runs no forward (see the module docstring)."""
 
-    def __init__(self, backend, micro_batch: int):
+    def __init__(self, backend, micro_batch: int, shards):
         self._backend = backend
         self._shape = (micro_batch, 1)
+        self._shards = shards
         self.forwards = 0
 
     def __getattr__(self, name):
         return getattr(self._backend, name)
 
-    def loss(self, batch) -> torch.Tensor:
+    def loss(self, batch, at=None) -> torch.Tensor:
         del batch
         self.forwards += 1
+        if at is not None:  # what the backend's gather would write, shard by shard (on meta)
+            for shard in self._shards:
+                at.write(shard, torch.empty(shard.numel, dtype=shard.local.dtype, device="meta"))
         for module in self._backend.model.modules():
             if not isinstance(module, torch.nn.Linear):
                 continue
@@ -308,7 +313,7 @@ def dry_run(cfg, *, max_calibration: int = 64) -> DryRun:
                            for p in backend.model.parameters())
         stored = sum(_stored(p) for p in backend.model.parameters())
         method = build_method(cfg, [_meta_view(s) for s in shards])
-        dry = _DryBackend(backend, cfg.train.batch_size // world)
+        dry = _DryBackend(backend, cfg.train.batch_size // world, method.shards)
         batch = _Batch(torch.ones(cfg.train.batch_size // world, cfg.data.max_length,
                                   dtype=torch.bool))
         blocks: Counter = Counter()

@@ -8,8 +8,8 @@ Refresh, every ``T = method.pgap_refresh_every`` steps (and at the first step, a
 without factors), at the start of step ``t``:
 
 R1. ``q = method.pgap_q`` dense two-sided probes along ``z_j`` of ``p_j = step_seed(run seed, t,
-    1 + j)``: ``c_j = (L(θ + ε z_j) - L(θ - ε z_j)) / 2ε`` (``2q`` forwards; the weights go back to
-    ``θ`` after each probe, nothing is updated).
+    1 + j)``: ``c_j = (L(θ + ε z_j) - L(θ - ε z_j)) / 2ε`` (``2q`` forwards, each asked for at its
+    point; the stored weights are never moved and nothing is updated).
 R2. Per trainable 2-D weight, one layer at a time: ``Ĝ = (1/q) Σ_j c_j z_j`` over this rank's
     slice, accumulated in fp32 (one slice of one layer in memory at a time).
 R3. Rank-``r`` truncated SVD ``Ĝ ≈ U S Vᵀ`` (``r = min(method.pgap_rank, out, in)``) by the
@@ -26,7 +26,8 @@ P1. Per 2-D weight: core ``Ẑ ~ N(0, I)`` (r, r) of ``s`` keyed by ``"<name>::p
     so the aligned parts add up coherently across layers: a reconstruction choice).
 P2. ``Δ = U Z Vᵀ`` on the 2-D weights; every other parameter gets MeZO's isotropic ``z`` of ``s``.
 P3. Two-sided SPSA along ``Δ``: ``c = (L(θ + εΔ) - L(θ - εΔ)) / 2ε`` (2 forwards).
-P4. ``θ ← θ - η (c Δ + λθ)`` (λ = ``weight_decay``, skipped for biases and norms), restore fused.
+P4. ``θ ← θ - η (c Δ + λθ)`` (λ = ``weight_decay``, skipped for biases and norms), by stochastic
+    rounding in 16-bit storage (:mod:`pipeline.zo.update`).
 
 ``‖Δ‖ = ‖Z‖ ≈ r`` on a weight against ``√(out·in)`` for MeZO's ``z``: learning rates do not
 transfer from MeZO. Forwards: 2 per step, ``2 + 2q`` on refresh steps.
@@ -61,14 +62,16 @@ from typing import Any
 
 import torch
 
-from pipeline.zo import perturb
+from pipeline.zo.directions import Term, f32
 from pipeline.zo.methods.base import StepContext, StepStats
 from pipeline.zo.methods.lozo import is_matrix
 from pipeline.zo.noise import BLOCK, gaussian, iter_blocks
-from pipeline.zo.perturb import f32
+from pipeline.zo.perturbation import Perturbation
 from pipeline.zo.range_finder import sharded_svd
+from pipeline.zo.rounding import rounding_seed
 from pipeline.zo.seeds import mix, name_key, step_seed
 from pipeline.zo.shards import ParamShard
+from pipeline.zo.update import update
 
 XI_TAG = 0x5047_4150  # "PGAP": the sign ξ is a hash of the step seed and this tag
 
@@ -118,24 +121,17 @@ class PGAP:
         self.refreshed_at: int | None = None
         self._left: dict[str, torch.Tensor] = {}  # U Z of the current step, per weight
 
-    @property
-    def _masters(self) -> bool:
-        return any(s.master is not None for s in self.shards)
-
     def refresh_due(self, step: int) -> bool:
         return self.refreshed_at is None or step - self.refreshed_at >= self.cfg.pgap_refresh_every
 
     # -- the refresh (R1-R3) ------------------------------------------------------------------
 
     def _probe(self, seeds: list[int], loss) -> list[torch.Tensor]:
-        """R1: the ``2q`` probe forwards; the weights end at ``θ``."""
+        """R1: the ``2q`` probe forwards."""
         eps, local = self.cfg.eps, []
         for seed in seeds:
-            perturb.move(self.shards, seed, 0.0, eps)
-            local.append(loss())
-            perturb.move(self.shards, seed, eps, -eps)
-            local.append(loss())
-            perturb.move(self.shards, seed, -eps, 0.0)
+            local.append(loss(Perturbation.dense(seed, eps)))
+            local.append(loss(Perturbation.dense(seed, -eps)))
         return local
 
     def estimate(self, shard: ParamShard, seeds: list[int], grads: list[float]) -> torch.Tensor:
@@ -171,7 +167,7 @@ class PGAP:
         finite (the old factors stay and the refresh stays due)."""
         backend, eps = ctx.backend, self.cfg.eps
         seeds = self.probe_seeds(ctx.run_seed, ctx.step)
-        local = self._probe(seeds, lambda: backend.loss(ctx.batch))
+        local = self._probe(seeds, lambda at: backend.loss(ctx.batch, at))
         losses = backend.all_reduce_mean(torch.stack(local)).tolist()
         if not all(math.isfinite(v) for v in losses):
             return None
@@ -193,32 +189,32 @@ class PGAP:
             z = aligned_core(zhat, s, xi, delta)
             self._left[name] = u @ z.to(u.device, torch.float32)
 
-    def direction(self, shard: ParamShard, seed: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """P2: this shard's part of ``Δ``, ``(offset, piece)`` as in ``iter_blocks``."""
+    def direction(self, shard: ParamShard, seed: int, offset: int = 0,
+                  numel: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """P2: elements ``[offset, offset + numel)`` of this shard's part of ``Δ``, ``(offset,
+        piece)`` as in ``iter_blocks`` (default: the whole shard)."""
+        numel = shard.numel - offset if numel is None else numel
+        start = shard.start + offset
         if shard.name in self._left:
-            yield from row_pieces(self._left[shard.name], self.factors[shard.name][2],
-                                  shard.start, shard.numel)
+            yield from row_pieces(self._left[shard.name], self.factors[shard.name][2], start,
+                                  numel)
         else:
-            for off, z in iter_blocks(seed, shard.key, shard.start, shard.numel, shard.total):
+            for off, z in iter_blocks(seed, shard.key, start, numel, shard.total):
                 yield off, z.to(shard.local.device)
 
-    def _move(self, seed: int, current: float, new: float) -> None:
-        perturb.move(self.shards, None, current, new,
-                     pieces=lambda shard: self.direction(shard, seed))
+    def _pieces(self, seed: int):
+        return lambda shard, offset, numel: self.direction(shard, seed, offset, numel)
 
     def _measure(self, seed: int, loss) -> list[torch.Tensor]:
-        """P3's forwards; leaves the weights at ``θ - εΔ``."""
+        """P3's forwards."""
         eps = self.cfg.eps
-        self._move(seed, 0.0, eps)
-        plus = loss()
-        self._move(seed, eps, -eps)
-        return [plus, loss()]
+        return [loss(Perturbation.along(self._pieces(seed), eps)),
+                loss(Perturbation.along(self._pieces(seed), -eps))]
 
     def _update(self, seed: int, grad: float, lr: float) -> None:
-        """P4 from the weights at ``θ - εΔ``, restore fused."""
-        perturb.update(self.shards, None, -lr * grad, current=-self.cfg.eps,
-                       decay=lr * self.cfg.weight_decay,
-                       pieces=lambda shard: self.direction(shard, seed))
+        """P4."""
+        update(self.shards, [Term(-lr * grad, pieces=self._pieces(seed))],
+               rounding=rounding_seed(seed), decay=lr * self.cfg.weight_decay)
 
     def step(self, ctx: StepContext) -> StepStats:
         eps = self.cfg.eps
@@ -232,33 +228,26 @@ class PGAP:
                 return StepStats(math.nan, [math.nan], 2 * self.q, seeds, skipped=True)
             extra["probe_grads"] = grads
         self.set_cores(seed)
-        local = self._measure(seed, lambda: ctx.backend.loss(ctx.batch))
+        local = self._measure(seed, lambda at: ctx.backend.loss(ctx.batch, at))
         losses = ctx.backend.all_reduce_mean(torch.stack(local)).tolist()
         if not all(math.isfinite(v) for v in losses):
-            self._move(seed, -eps, 0.0)
             return StepStats(math.nan, [math.nan], forwards, seeds, skipped=True, extra=extra)
         grad = (losses[0] - losses[1]) / (2 * eps)
         self._update(seed, grad, ctx.lr)
         return StepStats(sum(losses) / 2, [grad], forwards, seeds, extra=extra)
 
     def replay(self, record: dict[str, Any]) -> None:
-        """Re-apply a logged step (in order from step 1); a refresh is refitted from the logged
-        probe gradients. Without masters every measuring move is redone, for bitwise rounding."""
-        seed, probes, eps = record["seeds"][0], record["seeds"][1:], self.cfg.eps
-        if probes and not self._masters:
-            self._probe(probes, lambda: torch.zeros(()))
+        """Re-apply a logged step (in order from step 1, no forward); a refresh is refitted from
+        the logged probe gradients."""
+        seed, probes = record["seeds"][0], record["seeds"][1:]
         if "probe_grads" in record:
             self.fit(probes, record["probe_grads"], lambda t: t.to(torch.float64))
             self.refreshed_at = record["step"] - 1
         elif probes:  # the refresh's losses were not finite: nothing else happened
             return
-        self.set_cores(seed)
-        if not self._masters:
-            self._measure(seed, lambda: torch.zeros(()))
         if record.get("skipped"):
-            if not self._masters:
-                self._move(seed, -eps, 0.0)
             return
+        self.set_cores(seed)
         self._update(seed, record["projected_grad"][0], record["lr"])
 
     def state_dict(self) -> dict[str, Any]:
