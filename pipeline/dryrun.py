@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.models.meta import hf_config, meta_model
+from pipeline.parallel.comm_count import OUTPUT_FIRST, tensors_in
 from pipeline.parallel import trainable_names, wants_master
 from pipeline.plan import DTYPE_BYTES
 from pipeline.zo import noise
@@ -48,7 +49,8 @@ from pipeline.zo.methods import StepContext, build_method
 
 COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce",
                "reduce_scatter", "reduce_scatter_tensor", "all_gather_object",
-               "broadcast_object_list", "scatter", "gather", "all_to_all", "send", "recv",
+               "broadcast_object_list", "scatter", "gather", "all_to_all", "all_to_all_single",
+               "send", "recv",
                "barrier")
 
 
@@ -253,10 +255,8 @@ def _recording(blocks: Counter, calls: list[dict]):
 
     def counting(name, fn):
         def call(*args, **kwargs):
-            values = [*args, *kwargs.values()]
-            numel = sum(v.numel() for v in values if isinstance(v, torch.Tensor))
-            if name == "all_gather" and isinstance(args[0], list):
-                numel = args[1].numel()
+            sent = args[1:] if name in OUTPUT_FIRST else args
+            numel = sum(t.numel() for t in tensors_in([*sent, *kwargs.values()]))
             calls.append({"op": name, "numel": numel})
             out = fn(*args, **kwargs)
             if name == "all_gather" and isinstance(args[0], list):

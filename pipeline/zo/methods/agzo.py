@@ -37,12 +37,13 @@ Per step ``t`` (seeds ``s = step_seed(run seed, t, 0)`` for the direction and
 Given ``A``, ``E[g Δ] = G A Aᵀ`` (to O(ε)) for a weight with gradient ``G``: the gradient
 projected on the activation subspace (rows of ``G = Eᵀ X`` lie in the row space of ``X``).
 
-Communication per step: ``K`` all-gathers (via ``all_reduce_mean``) of ``Σ_g in_g · r`` float64
-values (the distinct layer inputs ``g``), then one all-gather of the 2 (3) loss scalars.
+Communication per step: per distinct layer input ``g``, ``K`` all-reduces (``all_reduce_mean``)
+of ``in_g · r`` float64 values, inside the ``L0`` forward; then one all-gather of the 2 (3) loss
+scalars.
 
-Memory: the row samples of one forward, ``cap · Σ_g in_g`` elements of the activations' dtype
-(see :mod:`pipeline.zo.activations`), freed before the perturbed forwards; the bases
-``Σ_g in_g · r`` fp32 values and the ``R`` of each matrix (``out · r``).
+Memory: the row sample of one layer input at a time, ``cap · in_g`` elements of the activations'
+dtype (see :mod:`pipeline.zo.activations`); the bases ``Σ_g in_g · r`` fp32 values and the ``R``
+of each matrix (``out · r``).
 
 State: none; the bases are recomputed each step from the current weights and batch, so resume is
 exact. REPLAY is not supported: ``A`` depends on the activations, and logging it would cost
@@ -102,17 +103,18 @@ class AGZO:
         if self.fixed_bases is not None:
             return backend.loss(ctx.batch), dict(self.fixed_bases)
         seed = step_seed(ctx.run_seed, ctx.step, 1)
+        found: list[torch.Tensor] = []
+
+        def basis(first: str, rows: torch.Tensor) -> None:  # one group at a time, rows freed
+            found.extend(subspace_bases([(first, [rows])], self.rank, self.cfg.agzo_iters, seed,
+                                        backend.all_reduce_mean))
+
         capture = RowCapture(self._hooked(backend.model),
-                             per_rank_cap(self.cfg.agzo_max_rows, backend.world_size), seed)
+                             per_rank_cap(self.cfg.agzo_max_rows, backend.world_size), seed,
+                             stream=basis)
         with capture.record(getattr(ctx.batch, "attention_mask", None)):
             l0 = backend.loss(ctx.batch)
-        groups = capture.groups()
-        found = subspace_bases(groups, self.rank, self.cfg.agzo_iters, seed,
-                               backend.all_reduce_mean)
-        del groups
-        capture.clear()
-        by_group = dict(enumerate(found))
-        return l0, {name: by_group[g] for name, g in capture.group_of.items()}
+        return l0, {name: found[g] for name, g in capture.group_of.items()}
 
     # -- step 2: the directions -------------------------------------------------------------
 
