@@ -33,7 +33,7 @@ def _blocks(model) -> list[torch.nn.Module]:
 
 
 def _row_range(shape, rank: int, world: int) -> tuple[int, int]:
-    """``(first row, rows)`` of rank ``rank``'s ``Shard(0)`` chunk: ``ceil(d0 / world)`` rows each."""
+    """``(first row, rows)`` of this rank's ``Shard(0)`` chunk: ``ceil(d0 / world)`` rows each."""
     per = -(-shape[0] // world)
     first = min(rank * per, shape[0])
     return first, min(per, shape[0] - first)
