@@ -39,7 +39,7 @@ import torch
 
 from pipeline.models.loading import DTYPES, ModelError, model_path
 
-CHUNK_BYTES = 8 * 1024**2  # staging buffer for dtype conversion and non-CPU shards
+CHUNK_BYTES = 1024**2  # staging for dtype conversion and non-CPU shards: small, so it is noise
 
 # safetensors dtype names (the format's specification) -> torch dtypes
 SAFETENSORS_DTYPES = {
