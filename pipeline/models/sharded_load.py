@@ -253,11 +253,15 @@ def _phantom_weights(model: torch.nn.Module):
             module._parameters[name] = p
 
 
-def skeleton(cfg) -> tuple[torch.nn.Module, Checkpoint]:
-    """The configured model with its parameters on the meta device, and the checkpoint to fill
-    them from. Buffers are real (computed by the model's constructor on the CPU), ties are tied,
-    and with ``method.tuning=lora`` peft's adapters are real and initialised as on a loaded model
-    (held in the returned checkpoint, which the loader reads like any other tensor)."""
+def skeleton(cfg, init=None) -> tuple[torch.nn.Module, Checkpoint]:
+    """The configured model without its weights, and the checkpoint to fill them from.
+
+    The model is built under ``init``, by default with its parameters on the meta device and its
+    buffers real (computed by the model's constructor on the CPU; the zero3 backend passes
+    DeepSpeed's ``zero.Init`` instead, which partitions each module as it is built). Ties are
+    tied. With ``method.tuning=lora`` peft's adapters are real and initialised exactly as on a
+    loaded model. Buffers and adapters are held whole in the returned checkpoint (they are small),
+    which the loaders read like any other tensor."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -267,23 +271,28 @@ def skeleton(cfg) -> tuple[torch.nn.Module, Checkpoint]:
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.name_or_path={cfg.model.name_or_path!r} could not be loaded "
                          f"({exc})") from None
-    with init_empty_weights(include_buffers=False):
+    with init if init is not None else init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_cfg, dtype=DTYPES[cfg.model.dtype])
-    model.tie_weights()  # init_empty_weights re-wraps parameters as they are assigned: untied
+    # init_empty_weights re-wraps parameters as they are assigned, and transformers'
+    # no_init_weights (under zero.Init) skips post_init's tying: tie now
+    model.tie_weights()
     prefix = getattr(model, "base_model_prefix", None)
     # checkpoint names per tensor object, before peft renames the modules (tied: several)
     names_of: dict[int, list[str]] = {}
     for key, t in model.state_dict(keep_vars=True).items():
         names_of.setdefault(id(t), []).append(key)
+    held = dict(model.named_buffers(remove_duplicate=False))
     if cfg.method.tuning == "lora":
         from pipeline.models.lora import wrap_lora
 
         with _phantom_weights(model):
             model = wrap_lora(model, cfg.method, cfg.train.seed)
+        held = {name: t for name, t in [*model.named_parameters(remove_duplicate=False),
+                                        *model.named_buffers(remove_duplicate=False)]
+                if not t.is_meta}
     model.requires_grad_(False)
-    tensors = [*model.named_parameters(remove_duplicate=False),
-               *model.named_buffers(remove_duplicate=False)]
-    keys = {name: names_of.get(id(t), []) for name, t in tensors}
-    held = {name: t for name, t in tensors if not t.is_meta}
+    keys = {name: names_of.get(id(t), []) for name, t in
+            [*model.named_parameters(remove_duplicate=False),
+             *model.named_buffers(remove_duplicate=False)]}
     files = checkpoint_files(cfg.model.name_or_path)
     return model.eval(), Checkpoint(files, keys, held, prefix)
