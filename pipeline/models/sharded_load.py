@@ -17,11 +17,11 @@ each rank's part from the checkpoint files (:class:`Checkpoint`):
   transformers' hub utilities (the index ``model.safetensors.index.json`` or
   ``model.safetensors``), so a cluster's ``HF_HOME`` cache and offline mode work as usual.
 - **what is not in the checkpoint**: buffers that the model computes (rotary ``inv_freq``) are
-  built on the CPU by the model's own constructor while its parameters go to the meta device
-  (accelerate's ``init_empty_weights(include_buffers=False)``), and kept; tied parameters
-  (``lm_head`` tied to ``embed_tokens``) are tied before sharding, so one checkpoint tensor fills
-  both names; LoRA adapters are created by peft exactly as on a loaded model (same seeded
-  initialisation, see :func:`skeleton`) and held whole, they are small.
+  computed on the CPU by transformers' own ``_init_weights``, as ``from_pretrained`` does; tied
+  parameters (``lm_head`` tied to ``embed_tokens``) are tied on the meta device, so one
+  checkpoint tensor fills both names; LoRA adapters are created by peft exactly as on a loaded
+  model (same seeded initialisation, see :func:`_phantom_weights`) and held whole: they are
+  small.
 
 Per rank the load then peaks at its shard plus one staging buffer, not at the model.
 """
@@ -183,9 +183,10 @@ class Checkpoint:
         files = sorted({str(e.file) for e in self.entries.values()})
         raise CheckpointError(
             f"{name} is not in the checkpoint ({', '.join(files)}; looked for "
-            f"{candidates or [name]}): its architecture renames or fuses checkpoint weights while "
-            "loading, which sharded loading does not do; use parallel.backend=single, or save the "
-            "model once with save_pretrained and load that directory"
+            f"{candidates or [name]}) and the model does not compute it: its architecture renames "
+            "or fuses checkpoint weights while loading, which sharded loading does not do; use "
+            "parallel.backend=single, or save the model once with save_pretrained and load that "
+            "directory"
         )
 
     def read(self, name: str, shape, start: int, out: torch.Tensor) -> None:
@@ -253,16 +254,34 @@ def _phantom_weights(model: torch.nn.Module):
             module._parameters[name] = p
 
 
-def skeleton(cfg, init=None) -> tuple[torch.nn.Module, Checkpoint]:
+def _compute_buffers(model) -> set[int]:
+    """Give every buffer CPU storage and the value transformers computes for it; returns the ids
+    of the buffers so computed.
+
+    Each module owning a buffer goes through the model's own ``_init_weights`` (rotary
+    ``inv_freq`` from the config), which is what ``from_pretrained`` does for them; its
+    parameter initialisers meet meta tensors and do nothing. A buffer that no initialiser wrote
+    (its version counter is still 0) must come from the checkpoint."""
+    computed = set()
+    for module in model.modules():
+        owned = [n for n, b in module._buffers.items() if b is not None]
+        for name in owned:
+            b = module._buffers[name]
+            module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device="cpu")
+        if owned:
+            model._init_weights(module)
+        computed |= {id(module._buffers[n]) for n in owned if module._buffers[n]._version > 0}
+    return computed
+
+
+def skeleton(cfg) -> tuple[torch.nn.Module, Checkpoint]:
     """The configured model without its weights, and the checkpoint to fill them from.
 
-    The model is built under ``init``, by default with its parameters on the meta device and its
-    buffers real (computed by the model's constructor on the CPU; the zero3 backend passes
-    DeepSpeed's ``zero.Init`` instead, which partitions each module as it is built). Ties are
-    tied. With ``method.tuning=lora`` peft's adapters are real and initialised exactly as on a
-    loaded model. Buffers and adapters are held whole in the returned checkpoint (they are small),
-    which the loaders read like any other tensor."""
-    from accelerate import init_empty_weights
+    Parameters are on the meta device (tied ones tied), buffers real (:func:`_compute_buffers`).
+    With ``method.tuning=lora`` peft's adapters are real and initialised exactly as on a loaded
+    model (:func:`_phantom_weights`). Computed buffers and adapters are held whole in the returned
+    checkpoint (they are small), which the loaders read like any other tensor; no tensor of a
+    parameter's size is allocated."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = model_path(cfg.model.name_or_path)
@@ -271,28 +290,24 @@ def skeleton(cfg, init=None) -> tuple[torch.nn.Module, Checkpoint]:
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.name_or_path={cfg.model.name_or_path!r} could not be loaded "
                          f"({exc})") from None
-    with init if init is not None else init_empty_weights(include_buffers=False):
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_cfg, dtype=DTYPES[cfg.model.dtype])
-    # init_empty_weights re-wraps parameters as they are assigned, and transformers'
-    # no_init_weights (under zero.Init) skips post_init's tying: tie now
-    model.tie_weights()
+    computed = _compute_buffers(model)
     prefix = getattr(model, "base_model_prefix", None)
     # checkpoint names per tensor object, before peft renames the modules (tied: several)
     names_of: dict[int, list[str]] = {}
     for key, t in model.state_dict(keep_vars=True).items():
         names_of.setdefault(id(t), []).append(key)
-    held = dict(model.named_buffers(remove_duplicate=False))
     if cfg.method.tuning == "lora":
         from pipeline.models.lora import wrap_lora
 
         with _phantom_weights(model):
             model = wrap_lora(model, cfg.method, cfg.train.seed)
-        held = {name: t for name, t in [*model.named_parameters(remove_duplicate=False),
-                                        *model.named_buffers(remove_duplicate=False)]
-                if not t.is_meta}
     model.requires_grad_(False)
-    keys = {name: names_of.get(id(t), []) for name, t in
-            [*model.named_parameters(remove_duplicate=False),
-             *model.named_buffers(remove_duplicate=False)]}
+    params = list(model.named_parameters(remove_duplicate=False))
+    buffers = list(model.named_buffers(remove_duplicate=False))
+    keys = {name: names_of.get(id(t), []) for name, t in [*params, *buffers]}
+    held = {name: b for name, b in buffers if id(b) in computed}
+    held.update({name: p for name, p in params if id(p) not in names_of})  # LoRA adapters
     files = checkpoint_files(cfg.model.name_or_path)
     return model.eval(), Checkpoint(files, keys, held, prefix)
