@@ -1,8 +1,9 @@
 """DeepSpeed ZeRO-3 backend: ``deepspeed.initialize`` with no optimizer, forward passes only.
 
-The model is partitioned while it is built (under ``deepspeed.zero.Init``), and each rank then
-reads only its partitions from the checkpoint files (:mod:`pipeline.models.sharded_load`), so no
-rank ever holds the whole model, or a whole checkpoint file. Each parameter is then a
+The model is built on the meta device, partitioned one unit at a time with
+``deepspeed.zero.Init(module=...)`` (:func:`_partition`), and each rank then reads only its
+partitions from the checkpoint files (:mod:`pipeline.models.sharded_load`), so no rank ever holds
+the whole model, or a whole checkpoint file. Each parameter is then a
 placeholder of size 0 plus its partition ``p.ds_tensor``: a flat tensor of ``ps = ceil(N / ws)``
 elements, rank ``r`` holding global elements ``[r*ps, min((r+1)*ps, N))``. The tail of the last
 partition is padding (uninitialised memory that the all-gather drops); a shard covers only the
