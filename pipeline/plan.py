@@ -26,6 +26,22 @@ the real ones. The memory figures are arithmetic over those shapes, per rank, fo
 - **runtime**: CUDA context, NCCL buffers and allocator slack, an assumed 1.5 GiB.
 
 The verdict compares the total with the GPU memory: ``fits`` up to 90 %, ``tight`` up to 100 %.
+
+**While loading** (:mod:`pipeline.models.sharded_load`; a transient before training, not in the
+total), per rank:
+
+- fsdp: the weights line plus one parameter's local shard (``to_empty`` allocates each shard,
+  FSDP2 copies a short one into its padded size) on the device; on the host one staging buffer
+  (:data:`~pipeline.models.sharded_load.CHUNK_BYTES`) that the checkpoint's bytes pass through.
+- zero3: the weights line plus the largest unit at full size on the device: DeepSpeed broadcasts
+  every parameter from rank 0 before partitioning it, so each root module (the embedding, an
+  untied LM head) and each block gets full-size storage while it is converted (the blocks share
+  one buffer); on the host the staging buffer.
+- single: the whole model on the device, and on the host too (``from_pretrained`` loads it to
+  the CPU first).
+
+Before sharded loading every fsdp rank loaded the whole model on the host, and transformers'
+zero3 loading read every checkpoint file whole on rank 0.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ import torch
 
 from pipeline.models.meta import hf_config, meta_model, planning_config_dir
 from pipeline.models.selection import select_trainable
+from pipeline.models.sharded_load import CHUNK_BYTES
 from pipeline.parallel import wants_master
 from pipeline.zo.activations import per_rank_cap
 
@@ -99,6 +116,7 @@ class Plan:
     tokens: int
     gpu_memory_gib: float
     memory: dict[str, dict[str, int]] = field(default_factory=dict)  # backend -> line -> bytes
+    load: dict[str, dict[str, int]] = field(default_factory=dict)  # backend -> device/host peak
 
     @property
     def world(self) -> int:
@@ -201,6 +219,26 @@ def _gathered(params: list[Param], backend: str, dtype_bytes: int) -> int:
     return max(2 * block, max(root, default=0) + block)
 
 
+def _load_peak(params: list[Param], backend: str, world: int, dtype_bytes: int,
+               weights: int) -> dict[str, int]:
+    """Peak bytes per rank while the backend loads the model (see the module docstring)."""
+    if backend == "single":
+        return {"device": weights, "host": weights}
+    if backend == "fsdp":
+        extra = max(p.local("fsdp", world) for p in params) * dtype_bytes
+    else:
+        blocks: dict[int, int] = {}
+        modules: dict[str, int] = {}
+        for p in params:
+            if p.block is None:
+                module = p.name.rpartition(".")[0]
+                modules[module] = modules.get(module, 0) + p.numel
+            else:
+                blocks[p.block] = blocks.get(p.block, 0) + p.numel
+        extra = max([*blocks.values(), *modules.values()]) * dtype_bytes
+    return {"device": weights + extra, "host": CHUNK_BYTES}
+
+
 def make_plan(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None,
               gpu_memory_gib: float = 80.0) -> Plan:
     """The memory plan of job ``cfg`` on ``nodes`` x ``gpus_per_node`` ranks (default: the job's
@@ -258,6 +296,8 @@ def make_plan(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None
             "activations": activations,
             "runtime": RUNTIME_BYTES,
         }
+        plan.load[backend] = _load_peak(params, backend, world, dtype_bytes,
+                                        plan.memory[backend]["weights"])
     return plan
 
 
@@ -284,6 +324,10 @@ def format_plan(plan: Plan) -> str:
             f"{plan.memory[b][line] / GiB:12.2f}" for b in plan.memory))
     lines.append(f"  {'total':30s}" + "".join(f"{plan.total(b) / GiB:12.2f}"
                                                for b in plan.memory))
+    lines.append(f"{'while loading, peak (not in total)':32s}")
+    for where in ("device", "host"):
+        lines.append(f"  {where:30s}" + "".join(f"{plan.load[b][where] / GiB:12.2f}"
+                                                 for b in plan.memory))
     lines.append(f"verdict vs {plan.gpu_memory_gib:g} GiB per GPU")
     for b in plan.memory:
         lines.append(f"  {b + ('*' if b == plan.backend else ''):8s} {plan.verdict(b)}")

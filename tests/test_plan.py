@@ -185,3 +185,25 @@ def test_dry_run_bad_input_is_a_clear_error(recipe, args, message):
     assert message in result.output
     assert "Traceback" not in result.output
     assert "RANK" not in os.environ  # the fake group's variables do not leak
+
+
+def test_plan_counts_the_load_peak_per_rank():
+    from pipeline.models.sharded_load import CHUNK_BYTES
+
+    cfg = load_config(RECIPES / "opt-13b-bszo-bf16-fsdp.yaml")
+    plan = make_plan(cfg)
+    model_bytes = plan.total_params * 2
+    for backend in ("fsdp", "zero3"):
+        weights, load = plan.memory[backend]["weights"], plan.load[backend]
+        # the rank's shards plus one parameter (fsdp) or one unit (zero3) at full size, never
+        # the model; through the host only the staging buffer
+        assert weights < load["device"] < weights + 0.06 * model_bytes, backend
+        assert load["host"] == CHUNK_BYTES
+    # the largest local shard of OPT-13B on 4 ranks: a quarter of the 50272 x 5120 embedding
+    assert plan.load["fsdp"]["device"] - plan.memory["fsdp"]["weights"] == 12568 * 5120 * 2
+    # zero3's largest unit is a block (12 h^2 weights plus biases and norms) at full size
+    assert plan.load["zero3"]["device"] - plan.memory["zero3"]["weights"] > 12 * 5120**2 * 2
+    single = make_plan(load_config(RECIPES / "opt-13b-zoact-nf4.yaml"))
+    assert single.load["single"]["host"] == single.memory["single"]["weights"]
+    out = CliRunner().invoke(main, ["plan", str(RECIPES / "opt-13b-bszo-bf16-fsdp.yaml")]).output
+    assert "while loading, peak (not in total)" in out and "  host" in out

@@ -1,7 +1,9 @@
 """DeepSpeed ZeRO-3 backend: ``deepspeed.initialize`` with no optimizer, forward passes only.
 
-The model is partitioned while it loads (``HfDeepSpeedConfig`` makes ``from_pretrained`` build it
-under ``deepspeed.zero.Init``), so no rank ever holds the whole model. Each parameter is then a
+The model is built on the meta device, partitioned one unit at a time with
+``deepspeed.zero.Init(module=...)`` (:func:`_partition`), and each rank then reads only its
+partitions from the checkpoint files (:mod:`pipeline.models.sharded_load`), so no rank ever holds
+the whole model, or a whole checkpoint file. Each parameter is then a
 placeholder of size 0 plus its partition ``p.ds_tensor``: a flat tensor of ``ps = ceil(N / ws)``
 elements, rank ``r`` holding global elements ``[r*ps, min((r+1)*ps, N))``. The tail of the last
 partition is padding (uninitialised memory that the all-gather drops); a shard covers only the
@@ -43,8 +45,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.models.loading import DTYPES, ModelError, model_path
 from pipeline.models.objective import batch_loss, candidate_scores
+from pipeline.models.sharded_load import skeleton
 from pipeline.models.tuning import tuned_names
 from pipeline.parallel import make_shard, wants_master
 from pipeline.parallel.distributed import DistributedBackend, init_process_group
@@ -182,7 +184,7 @@ def _clear_caches(fn, depth: int = 3) -> None:
         _clear_caches(f, depth - 1)
 
 
-def _partition(param) -> torch.Tensor:
+def _gathered_from(param) -> torch.Tensor:
     """What DeepSpeed gathers of a parameter: this rank's partition."""
     return param.ds_tensor
 
@@ -195,6 +197,84 @@ def _gather_pending(param) -> bool:
         raise Zero3ConfigError(f"{param.ds_summary()} was prefetched before its perturbation; set "
                                "zero_optimization.stage3_prefetch_bucket_size to 0")
     return param.ds_status == ZeroParamStatus.NOT_AVAILABLE
+
+
+def _units(model) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """What :func:`_partition` converts one at a time: the modules outside the transformer
+    blocks that hold parameters (embeddings, final norm, LM head), and the blocks."""
+    from pipeline.parallel.fsdp import _blocks
+
+    blocks = _blocks(model)
+    inside = {id(m) for block in blocks for m in block.modules()}
+    root = [m for m in model.modules()
+            if id(m) not in inside and any(True for _ in m.parameters(recurse=False))]
+    return root, blocks
+
+
+def _partition(model, deepspeed, ds_config: dict, device: torch.device) -> None:
+    """Turn the meta-device skeleton into ZeRO-3 parameters, one unit (:func:`_units`) at a time.
+
+    ``deepspeed.zero.Init(module=m)`` partitions an existing module "as if it was constructed in
+    the context"; it needs real tensors, and broadcasts each parameter from rank 0 before it
+    partitions it (DeepSpeed's ``_zero_init_param``, unconditional; the values are garbage, the
+    checkpoint fills the partitions next). So a unit's parameters get full-size storage just
+    before it is converted, and lose it right after: a rank holds its partitions so far plus one
+    unit. The root units (the embedding, an untied LM head: the largest parameters) go first,
+    while few partitions exist, each in its own allocation; the blocks share one reused buffer
+    (a fresh allocation per block would leave the heap fragmented by the freed ones). Building
+    under a ``zero.Init`` context instead would allocate and broadcast every parameter the
+    constructor makes, the ``lm_head`` that is tied away afterwards included. A tied parameter
+    is converted once, with the first unit that holds it.
+    """
+    slots: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                slots.setdefault(id(p), []).append((module, name))
+    root, blocks = _units(model)
+    buffer = torch.empty(0, dtype=torch.uint8, device=device)
+    for unit in [*root, *blocks]:
+        metas = list({id(p): p for p in unit.parameters() if p.is_meta}.values())
+        if not metas:
+            continue
+        sizes = [-(-p.numel() * p.element_size() // 64) * 64 for p in metas]  # aligned
+        if unit not in root:
+            if buffer.numel() < sum(sizes):
+                buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+            storage = buffer
+        else:
+            storage = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+        offset = 0
+        for p, size in zip(metas, sizes):
+            view = storage[offset : offset + p.numel() * p.element_size()]
+            real = torch.nn.Parameter(view.view(p.dtype).view(p.shape), requires_grad=False)
+            offset += size
+            for owner, name in slots[id(p)]:
+                owner._parameters[name] = real
+        deepspeed.zero.Init(module=unit, config_dict_or_path=copy.deepcopy(ds_config))
+        del storage
+    del buffer
+    for module in model.modules():
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = b.to(device)
+
+
+def _load_partitions(model, checkpoint) -> None:
+    """Read each ZeRO-3 parameter's owned elements straight into its partition ``ds_tensor``.
+
+    A partition is the flat element range ``[r * ps, r * ps + owned)`` of the parameter, one
+    contiguous byte range of its checkpoint tensor: no rank gathers a parameter or reads another
+    rank's part. The padding at the end of the last partition is left as allocated (the
+    all-gather drops it). Buffers are not partitioned: every rank fills its own copy.
+    """
+    for name, p in model.named_parameters():
+        part = p.ds_tensor
+        start, owned = owned_range(p.ds_numel, part.numel(),
+                                   dist.get_rank(group=p.ds_process_group))
+        checkpoint.read(name, p.ds_shape, start, part.data.view(-1)[:owned])
+    for name, b in model.named_buffers():
+        checkpoint.read(name, b.shape, 0, b.data.view(-1))
 
 
 class Zero3Backend(DistributedBackend):
@@ -223,7 +303,7 @@ class Zero3Backend(DistributedBackend):
             local = part.data.view(-1)[:owned]
             self._shards.append(make_shard(name, p.ds_shape, start, local, master=master))
         self._delivery = SwapDelivery(self.model, self._shards, params,
-                                      holder=_partition,
+                                      holder=_gathered_from,
                                       gather_pending=_gather_pending,
                                       restore_after_forward=False,
                                       before_gather=self._gather_waits())
@@ -235,24 +315,18 @@ class Zero3Backend(DistributedBackend):
         # DeepSpeed's comm layer wraps our process group now, so that the configs parsed while
         # loading see the real world size.
         deepspeed.init_distributed(dist_backend=dist.get_backend())
-        from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
         path = getattr(cfg.parallel, "ds_config", None) or default_ds_config(cfg.model.dtype)
         ds_config = prepare_ds_config(read_ds_config(path), dtype=cfg.model.dtype,
                                       batch_size=cfg.train.batch_size,
                                       world_size=dist.get_world_size())
-        # While this object lives, from_pretrained builds the model under zero.Init (partitioned
-        # while loading, in the dtype of the config's bf16/fp16 flags).
+        model, checkpoint = skeleton(cfg)
+        _partition(model, deepspeed, ds_config, device)
+        _load_partitions(model, checkpoint)
+        # Made after the build: with it, transformers' from_config would build under zero.Init
+        # and gather every module to initialise weights that the checkpoint then overwrites.
         hf_ds_config = HfDeepSpeedConfig(copy.deepcopy(ds_config))
-        try:
-            model = AutoModelForCausalLM.from_pretrained(model_path(cfg.model.name_or_path),
-                                                         dtype=DTYPES[cfg.model.dtype])
-        except OSError as exc:
-            raise ModelError(f"model.name_or_path={cfg.model.name_or_path!r} could not be "
-                             f"loaded ({exc})") from None
-        model.requires_grad_(False)
-        model.eval()
         names = tuned_names(model, cfg)
         engine, *_ = deepspeed.initialize(model=model, config=copy.deepcopy(ds_config))
         engine.eval()
