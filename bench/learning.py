@@ -6,9 +6,10 @@ curve, validation by default) every ``eval_every`` steps and ``train.final_split
 and after. Then writes into ``--out``:
 
 - ``learning.md``: per run the steps, forwards, time per step, peak memory (VmHWM of the run's
-  process), the validation change (what a sweep selects on), and on the test split the zero-shot
-  and final loss and accuracy with the paired changes against zero-shot and against the
-  reference run (the first, or ``reference:``): mean per-example difference ± paired SE, its
+  process), the validation change (what selection uses: in each group the run with the lowest
+  validation loss is marked selected), and on the test split the zero-shot and final loss and
+  accuracy with the paired changes against zero-shot and against the selected run of the
+  reference group (the first, or ``reference:``): mean per-example difference ± paired SE, its
   size in SE (z), and McNemar's exact p for accuracy;
 - ``learning.png``: held-out loss and accuracy of the curve split against forward passes, one
   line per run, bands ± the paired SE of the change from zero-shot;
@@ -23,12 +24,12 @@ same command. A spec file::
     budget: 1000                 # forward passes per run
     eval_every: 100              # steps between evaluations of the curve split
     experiment: learning-rt      # MLflow experiment
-    reference: mezo              # the run the others are paired with (default: the first)
+    reference: mezo              # the group the others are paired with (default: the first)
     overrides: {train.threads: 1}          # every run
-    runs:
-      - {name: mezo, recipe: jobs/demo.yaml, method.lr: 1.0e-5}
-      - {name: bszo, recipe: jobs/bszo.yaml}
-    grid: {method.lr: [1.0e-5, 3.0e-5]}    # optional: every run at every combination
+    runs:                        # a group each; `sweep` expands it into one run per value
+      - {name: mezo, recipe: jobs/demo.yaml, sweep: {method.lr: [1.0e-5, 3.0e-5]}}
+      - {name: bszo, recipe: jobs/bszo.yaml, method.lr: 1.0e-5}
+    grid: {train.seed: [0, 1]}   # optional: every run at every combination
 
 Usage: python bench/learning.py SPEC [--out DIR] [--only NAME,...] [--report] [key=value ...]
 (``key=value`` overrides apply to every run, after the spec's.)
@@ -80,7 +81,9 @@ def _value(v) -> str:
 
 
 def load_spec(path: Path) -> dict:
-    """The spec with its runs expanded: ``runs`` becomes ``[(name, recipe, [key=value])]``."""
+    """The spec with its runs expanded: ``runs`` becomes ``[(name, group, recipe, [key=value])]``,
+    one per combination of the run's ``sweep`` and the spec's ``grid`` (the group is the run's
+    name in the spec; the name gets ``-key=value`` suffixes)."""
     try:
         spec = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -93,22 +96,25 @@ def load_spec(path: Path) -> dict:
                         f"key: value...}}] (unknown keys: {sorted(unknown) or 'none'})")
     if not isinstance(spec.get("budget"), int) or spec["budget"] < 1:
         raise SpecError(f"{path}: budget must be a positive number of forward passes")
-    grid = spec.get("grid") or {}
-    combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())] or [{}]
     expanded = []
     for run in runs:
-        for combo in combos:
+        own = run.get("sweep") or {}
+        grid = {**(spec.get("grid") or {}), **own}
+        if not all(isinstance(v, list) and v for v in grid.values()):
+            raise SpecError(f"{path}: grid and sweep map keys to lists of values")
+        for vals in itertools.product(*grid.values()):
+            combo = dict(zip(grid, vals))
             suffix = "".join(f"-{k.split('.')[-1]}={_value(v)}" for k, v in combo.items())
-            keys = {k: v for k, v in run.items() if k not in ("name", "recipe")} | combo
-            expanded.append((run["name"] + suffix, run["recipe"],
+            keys = {k: v for k, v in run.items() if k not in ("name", "recipe", "sweep")} | combo
+            expanded.append((run["name"] + suffix, run["name"], run["recipe"],
                              [f"{k}={_value(v)}" for k, v in keys.items()]))
-    names = [n for n, _, _ in expanded]
+    names = [n for n, _, _, _ in expanded]
     if len(set(names)) != len(names):
         raise SpecError(f"{path}: run names repeat: {names}")
     spec["runs"] = expanded
-    spec["reference"] = spec.get("reference") or names[0]
-    if spec["reference"] not in names:
-        raise SpecError(f"{path}: reference {spec['reference']!r} is not a run ({names})")
+    spec["reference"] = spec.get("reference") or runs[0]["name"]
+    if spec["reference"] not in {r["name"] for r in runs}:
+        raise SpecError(f"{path}: reference {spec['reference']!r} is not a run")
     return spec
 
 
@@ -132,8 +138,8 @@ def _config(run_dir: Path) -> dict:
     return yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
-def row(name: str, out: Path, ref: str) -> dict | None:
-    """One finished run's figures (None while it has no summary)."""
+def row(name: str, out: Path, ref: str | None) -> dict | None:
+    """One finished run's figures (None while it has no summary), paired with run ``ref``."""
     run_dir = out / name
     if not (run_dir / "summary.json").is_file():
         return None
@@ -153,7 +159,8 @@ def row(name: str, out: Path, ref: str) -> dict | None:
         s["paired"], "curve_split": curve,
         "curve_end": max(val, key=lambda r: r["step"]) if val else None,
     }
-    mine, theirs = last_evaluation(run_dir, test), last_evaluation(out / ref, test)
+    mine = last_evaluation(run_dir, test)
+    theirs = last_evaluation(out / ref, test) if ref else None
     if name != ref and mine is not None and theirs is not None:
         out_row["vs_reference"] = mine.against(theirs).as_dict()
     return out_row
@@ -175,7 +182,7 @@ def _z(change: dict | None) -> str:
             f"(p={change['mcnemar_p']:.2g})")
 
 
-def table(rows: list[dict], ref: str, best: str | None) -> str:
+def table(rows: list[dict], ref: str | None, best: set[str]) -> str:
     """The markdown table of :func:`row` rows."""
     head = ("| run | method | lr | steps | forwards | s/step | peak MiB | "
             "val. Δ loss (z) | test loss: zero-shot → final | test acc.: zero-shot → final | "
@@ -187,7 +194,7 @@ def table(rows: list[dict], ref: str, best: str | None) -> str:
         val = (f"{c['delta_loss']:+.4f} ({c['delta_loss'] / c['delta_loss_se']:+.1f})"
                if c and c["delta_loss_se"] else "-")
         peak = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] else "-"
-        mark = " (selected)" if r["name"] == best else ""
+        mark = " (selected)" if r["name"] in best else ""
         lines.append(
             f"| {r['name']}{mark} | {r['method']} ({r['tuning']}) | {r['lr']:g} | {r['steps']} | "
             f"{r['forwards']} | {r['step_seconds']:.2f} | {peak} | {val} | "
@@ -197,21 +204,38 @@ def table(rows: list[dict], ref: str, best: str | None) -> str:
     return "\n".join(lines)
 
 
+def selected(spec: dict, rows: list[dict]) -> dict[str, str]:
+    """group -> its run with the lowest loss at the end of the curve split (the selection
+    split, validation unless the spec says otherwise)."""
+    by_name = {r["name"]: r for r in rows}
+    best: dict[str, str] = {}
+    for name, group, _, _ in spec["runs"]:
+        r = by_name.get(name)
+        if r is None or not r["curve_end"]:
+            continue
+        if group not in best or r["curve_end"]["eval_loss"] < by_name[best[group]][
+                "curve_end"]["eval_loss"]:
+            best[group] = name
+    return best
+
+
 def report(spec: dict, out: Path) -> list[dict]:
     """Write learning.md/png/json from the finished runs; returns their rows."""
-    ref = spec["reference"]
-    rows = [r for r in (row(n, out, ref) for n, _, _ in spec["runs"]) if r is not None]
-    if not rows:
-        return rows
-    with_val = [r for r in rows if r["curve_end"]]
-    best = min(with_val, key=lambda r: r["curve_end"]["eval_loss"])["name"] if with_val else None
+    done = [n for n, _, _, _ in spec["runs"] if (out / n / "summary.json").is_file()]
+    if not done:
+        return []
+    first = [row(n, out, None) for n in done]
+    best = selected(spec, first)
+    ref = best.get(spec["reference"])
+    rows = [row(n, out, ref) for n in done]
     zs = rows[0]["zero_shot"]
+    curve = rows[0]["curve_split"]
     lines = [f"budget {spec['budget']} forward passes per run; {rows[0]['split']} n={zs['n']}; "
-             f"curve and selection split: {rows[0]['curve_split']}; lowest "
-             f"{rows[0]['curve_split']} loss: {best}", "", table(rows, ref, best), ""]
+             f"(selected): the lowest {curve} loss of its group; reference: {ref}", "",
+             table(rows, ref, set(best.values())), ""]
     (out / "learning.md").write_text("\n".join(lines))
-    curves = {r["name"]: heldout_curve(out / r["name"], r["curve_split"]) for r in rows}
-    plot_heldout(curves, out / "learning.png", rows[0]["curve_split"])
+    curves = {r["name"]: heldout_curve(out / r["name"], curve) for r in rows}
+    plot_heldout(curves, out / "learning.png", curve)
     write_json(out / "learning.json", {"budget": spec["budget"], "reference": ref,
                                        "selected": best, "rows": rows})
     _log_to_parent(out)
@@ -236,7 +260,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", type=Path)
     parser.add_argument("--out", type=Path, help="default runs/learning/<spec name>")
-    parser.add_argument("--only", help="comma-separated run names (default: all)")
+    parser.add_argument("--only", help="comma-separated run or group names (default: all)")
     parser.add_argument("--report", action="store_true", help="only rewrite the report")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every run")
     args = parser.parse_intermixed_args()
@@ -249,9 +273,9 @@ def main() -> None:
         parser.exit(2, f"error: overrides are section.key=value, got {bad}\n")
     out = (args.out or Path("runs/learning") / args.spec.stem).resolve()
     only = set(args.only.split(",")) if args.only else None
-    todo = [r for r in spec["runs"] if only is None or r[0] in only]
+    todo = [r for r in spec["runs"] if only is None or r[0] in only or r[1] in only]
     started = time.perf_counter()
-    for i, (name, recipe, overrides) in enumerate(todo, 1):
+    for i, (name, _, recipe, overrides) in enumerate(todo, 1):
         if args.report:
             break
         if (out / name / "summary.json").is_file():
