@@ -67,13 +67,28 @@ def latest(run_dir: Path) -> tuple[int, Path] | None:
 
 
 def _state_shards(method, shards: list[ParamShard]) -> list[ParamShard]:
-    """A method's sharded state (e.g. ZO-Adam moments, ``"<kind>::<param>"`` keys) as
-    ParamShards laid out like the parameters, so it is saved and resharded with them."""
-    if not hasattr(method, "shard_state"):
-        return []
+    """A method's sharded state as ParamShards, so it is saved and resharded like the weights:
+    tensors keyed ``"<kind>::<param>"`` laid out like that parameter's shard (ZO-Adam's moments),
+    or ParamShards with a layout of their own (P-GAP's rows of ``U``, flat slices of an
+    ``(out, r)`` matrix at their global offset)."""
+    return _as_shards(method.shard_state(), shards) if hasattr(method, "shard_state") else []
+
+
+def _state_targets(method, shards: list[ParamShard]) -> list[ParamShard]:
+    """Where a checkpoint's sharded method state is loaded: the method's own targets when they
+    differ from what it saves (P-GAP needs more rows of ``U`` than it owns), else the same."""
+    if hasattr(method, "shard_state_targets"):
+        return _as_shards(method.shard_state_targets(), shards)
+    return _state_shards(method, shards)
+
+
+def _as_shards(state: dict, shards: list[ParamShard]) -> list[ParamShard]:
     by_name = {s.name: s for s in shards}
     out = []
-    for key, tensor in method.shard_state().items():
+    for key, tensor in state.items():
+        if isinstance(tensor, ParamShard):
+            out.append(tensor)
+            continue
         shard = by_name[key.partition("::")[2]]
         out.append(ParamShard(key, shard.shape, shard.start, tensor.reshape(-1)))
     return out
@@ -148,10 +163,13 @@ def save(run_dir: Path, step: int, backend, method, trainer_state: dict[str, Any
 
 
 def load(path: Path, shards, method) -> dict[str, Any]:
-    """Restore shards (from any world size) and method state; returns the trainer state."""
-    states = _state_shards(method, shards)
-    load_shards(shards + states, sorted(path.glob("shards-rank*.safetensors")))
+    """Restore shards (from any world size) and method state; returns the trainer state.
+
+    The replicated method state comes first: it tells a method which sharded state to expect
+    (P-GAP's factors exist only after a refresh)."""
     method.load_state_dict(torch.load(path / "method.pt", weights_only=True))
+    states = _state_targets(method, shards)
+    load_shards(shards + states, sorted(path.glob("shards-rank*.safetensors")))
     if states:
         method.load_shard_state({s.name: s.local for s in states})
     state = json.loads((path / "trainer.json").read_text())

@@ -269,8 +269,8 @@ def compare(run_dirs, experiment, tracking_uri, metric, png):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the ranks write their shards (default: a temporary directory).")
 def check_sharding(config, overrides, nproc_per_node, steps, backends, out):
-    """Max differences of perturbations (must be 0), losses and parameters of the sharded
-    backends against the single-process run."""
+    """Max differences of perturbations and of a perturbed forward's loss (both must be 0),
+    of losses and parameters of the sharded backends against the single-process run."""
     import tempfile
 
     from pipeline.parallel.check import run_check
@@ -281,13 +281,20 @@ def check_sharding(config, overrides, nproc_per_node, steps, backends, out):
     with tempfile.TemporaryDirectory() as tmp:
         report = run_check(config, list(overrides), nproc_per_node, steps, out or Path(tmp),
                            tuple(backends.split(",")))
-    click.echo(f"{'backend':8s} {'perturbation':>13s} {'loss':>10s} {'proj. grad':>10s} "
-               f"{'params':>10s}   (max |difference| vs single, {nproc_per_node} ranks)")
+    click.echo(f"{'backend':8s} {'perturbation':>13s} {'probe loss':>10s} {'loss':>10s} "
+               f"{'proj. grad':>10s} {'params':>10s}   (max |difference| vs single, "
+               f"{nproc_per_node} ranks)")
     for name, diffs in report.items():
-        click.echo(f"{name:8s} {diffs['perturbation']:13.3g} {diffs['loss']:10.3g} "
-                   f"{diffs['projected_grad']:10.3g} {diffs['params']:10.3g}")
-    if any(d["perturbation"] != 0 for d in report.values()):
-        click.echo("Error: a perturbation differs from the single-process one", err=True)
+        click.echo(f"{name:8s} {diffs['perturbation']:13.3g} {diffs['probe_loss']:10.3g} "
+                   f"{diffs['loss']:10.3g} {diffs['projected_grad']:10.3g} "
+                   f"{diffs['params']:10.3g}")
+    failed = [f"{name}: {what}" for name, d in report.items() for what, bad in (
+        ("a perturbation differs from the single-process one", d["perturbation"] != 0),
+        ("a perturbed forward's loss differs from the single-process one", d["probe_loss"] != 0),
+        ("a perturbed forward wrote the stored weights", not d["stored_unchanged"])) if bad]
+    for line in failed:
+        click.echo(f"Error: {line}", err=True)
+    if failed:
         sys.exit(1)
 
 

@@ -172,10 +172,11 @@ class MethodConfig:
 @dataclass
 class PrecisionConfig:
     master_weights: str = _opt(
-        "auto",
-        "fp32 keeps an fp32 master of the trainable weights (bitwise restore); none perturbs in "
-        "place; auto = fp32 for 16-bit storage, none for fp32 storage",
-        choices=["auto", "fp32", "none"],
+        "none",
+        "none: the stored weights are the only copy (16-bit updates land by stochastic "
+        "rounding); fp32: keep an fp32 master of the trainable weights (+4 bytes per element, "
+        "updates land in the master, the stored weights are its round-to-nearest cast)",
+        choices=["none", "fp32"],
     )
 
 

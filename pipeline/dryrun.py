@@ -24,7 +24,8 @@ fake process group (``torch.testing._internal.distributed.fake_pg``): this proce
    are recorded, not drawn. Every ``torch.distributed`` collective the step issues is counted with
    its element count; under the fake group an all-gather returns this rank's tensor from every
    rank. A method that calibrates first (ZO-Act) runs its calibration steps, and the step
-   reported is its first training step.
+   reported is its first training step. A perturbed forward writes every shard's perturbation
+   once (what the backend's gather does), into meta buffers.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.models.meta import hf_config, meta_model
+from pipeline.parallel.comm_count import OUTPUT_FIRST, tensors_in
 from pipeline.parallel import trainable_names, wants_master
 from pipeline.plan import DTYPE_BYTES
 from pipeline.zo import noise
@@ -47,7 +49,8 @@ from pipeline.zo.methods import StepContext, build_method
 
 COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce",
                "reduce_scatter", "reduce_scatter_tensor", "all_gather_object",
-               "broadcast_object_list", "scatter", "gather", "all_to_all", "send", "recv",
+               "broadcast_object_list", "scatter", "gather", "all_to_all", "all_to_all_single",
+               "send", "recv",
                "barrier")
 
 
@@ -186,17 +189,21 @@ class _Batch:
 class _DryBackend:
     """The real backend, with a loss that runs no forward (see the module docstring)."""
 
-    def __init__(self, backend, micro_batch: int):
+    def __init__(self, backend, micro_batch: int, shards):
         self._backend = backend
         self._shape = (micro_batch, 1)
+        self._shards = shards
         self.forwards = 0
 
     def __getattr__(self, name):
         return getattr(self._backend, name)
 
-    def loss(self, batch) -> torch.Tensor:
+    def loss(self, batch, at=None) -> torch.Tensor:
         del batch
         self.forwards += 1
+        if at is not None:  # what the backend's gather would write, shard by shard (on meta)
+            for shard in self._shards:
+                at.write(shard, torch.empty(shard.numel, dtype=shard.local.dtype, device="meta"))
         for module in self._backend.model.modules():
             if not isinstance(module, torch.nn.Linear):
                 continue
@@ -248,10 +255,8 @@ def _recording(blocks: Counter, calls: list[dict]):
 
     def counting(name, fn):
         def call(*args, **kwargs):
-            values = [*args, *kwargs.values()]
-            numel = sum(v.numel() for v in values if isinstance(v, torch.Tensor))
-            if name == "all_gather" and isinstance(args[0], list):
-                numel = args[1].numel()
+            sent = args[1:] if name in OUTPUT_FIRST else args
+            numel = sum(t.numel() for t in tensors_in([*sent, *kwargs.values()]))
             calls.append({"op": name, "numel": numel})
             out = fn(*args, **kwargs)
             if name == "all_gather" and isinstance(args[0], list):
@@ -308,7 +313,7 @@ def dry_run(cfg, *, max_calibration: int = 64) -> DryRun:
                            for p in backend.model.parameters())
         stored = sum(_stored(p) for p in backend.model.parameters())
         method = build_method(cfg, [_meta_view(s) for s in shards])
-        dry = _DryBackend(backend, cfg.train.batch_size // world)
+        dry = _DryBackend(backend, cfg.train.batch_size // world, method.shards)
         batch = _Batch(torch.ones(cfg.train.batch_size // world, cfg.data.max_length,
                                   dtype=torch.bool))
         blocks: Counter = Counter()

@@ -12,8 +12,10 @@ the real ones. The memory figures are arithmetic over those shapes, per rank, fo
   unit (embeddings, final norm, LM head) gathered for the whole forward plus two blocks (the
   running one and the prefetched next); ZeRO-3 gathers module by module, about two blocks, or one
   block plus the largest root parameter.
-- **fp32 masters**: 4 bytes per local trainable element when ``precision.master_weights`` asks.
-- **method state**: ZO-Adam's two fp32 moments per trainable element; LOZO's factors; AGZO's bases,
+- **fp32 masters**: 4 bytes per local trainable element, only with ``precision.master_weights:
+  fp32`` (the default keeps none: 16-bit updates land by stochastic rounding).
+- **method state**: ZO-Adam's two fp32 moments per trainable element, ZO-SGD momentum's one (the
+  moments stay fp32, sharded like the weights); LOZO's factors; AGZO's bases,
   ``R`` factors and activation row samples (each hooked layer counted as its own input: an upper
   bound, q/k/v share one in the real run); ZO-Act's ``V``, ``C``, Adam moments and calibration rows.
   MeZO and BSZO keep nothing of parameter size.
@@ -43,6 +45,7 @@ RUNTIME_BYTES = int(1.5 * GiB)
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit code + an fp32 absmax per block of 64
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 BACKENDS = ("zero3", "fsdp", "single")
+FP32_MOMENTS = ("zo_adam", "zo_sgd_mmt")  # methods whose state is fp32 per trainable element
 LINES = ("weights", "gathered", "masters", "method", "activations", "runtime")
 LABELS = {
     "weights": "weights ({})",
@@ -150,6 +153,8 @@ def _method_state(cfg, model, params: list[Param], backend: str, world: int,
     local_trainable = sum(p.local(backend, world) for p in params if p.trainable)
     if m.name == "zo_adam":
         return 2 * 4 * local_trainable, None
+    if m.name == "zo_sgd_mmt":
+        return 4 * local_trainable, None
     if m.name == "bszo":
         k = max(m.bszo_k, m.bszo_m)
         return 8 * (k * k + 2 * k), None
@@ -273,7 +278,8 @@ def format_plan(plan: Plan) -> str:
             f"{b + ('*' if b == plan.backend else ''):>12s}" for b in plan.memory),
     ]
     for line in LINES:
-        label = LABELS[line].format(storage if line == "weights" else plan.method)
+        what = plan.method + (", fp32 moments" if plan.method in FP32_MOMENTS else "")
+        label = LABELS[line].format(storage if line == "weights" else what)
         lines.append(f"  {label:30s}" + "".join(
             f"{plan.memory[b][line] / GiB:12.2f}" for b in plan.memory))
     lines.append(f"  {'total':30s}" + "".join(f"{plan.total(b) / GiB:12.2f}"

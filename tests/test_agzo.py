@@ -201,12 +201,15 @@ def test_update_is_minus_lr_g_r_at(tiny_model, tiny_batch):
     assert torch.equal(down.local, down.master)
 
 
-def test_a_step_communicates_k_basis_reductions_and_one_of_losses(tiny_model, tiny_batch):
+def test_a_step_communicates_k_basis_reductions_per_input_and_one_of_losses(tiny_model,
+                                                                            tiny_batch):
     backend, agzo = _setup(tiny_model, [PROJ], two_sided=False, agzo_iters=3)
     sizes = record_reductions(backend)
     agzo.step(StepContext(0, 0, 1e-3, tiny_batch, backend))
-    # per block, 4 distinct inputs: attention (32), o_proj (32), MLP (32), down_proj (48); r = 1
-    assert sizes == [2 * (32 + 32 + 32 + 48)] * 3 + [2]
+    # per block, 4 distinct inputs: attention (32), o_proj (32), MLP (32), down_proj (48); r = 1;
+    # each input's K = 3 products are reduced as soon as its rows are taken (then freed)
+    per_input = [n for width in (32, 32, 32, 48) for n in [width] * 3]
+    assert sizes == per_input * 2 + [2]
 
 
 def test_match_mezo_norm_scales_the_direction(tiny_model, tiny_batch):

@@ -11,9 +11,11 @@ from pipeline.config import MethodConfig
 from pipeline.models.objective import batch_loss
 from pipeline.parallel import trainable_names
 from pipeline.parallel.single import SingleBackend
+from pipeline.zo.directions import Term
 from pipeline.zo.methods import METHODS, StepContext
 from pipeline.zo.methods.bszo import BSZO, Posterior
 from pipeline.zo.noise import gaussian
+from pipeline.zo.perturbation import Perturbation
 from pipeline.zo.shards import ParamShard
 
 NAMES = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.post_attention_layernorm.weight"]
@@ -201,9 +203,9 @@ class _Counting:
     def __init__(self, backend):
         self.backend, self.forwards, self.reductions, self.scalars = backend, 0, 0, 0
 
-    def loss(self, batch):
+    def loss(self, batch, at=None):
         self.forwards += 1
-        return self.backend.loss(batch)
+        return self.backend.loss(batch, at)
 
     def all_reduce_mean(self, tensor):
         self.reductions += 1
@@ -233,19 +235,16 @@ def test_bszo_b_direction_is_the_top_eigenvector_and_moves_along_it(tiny_model):
     d = post.top_eigenvector()  # eigenvalues 0.5 along (1, 1), 1.0 along (1, -1)
     np.testing.assert_allclose(d.abs().numpy(), [2**-0.5, 2**-0.5], rtol=1e-12)
     assert d[0] * d[1] < 0 and d[int(d.abs().argmax())] > 0
-    # weights at θ + ε Σ d_i z_i, for masters and for in-place weights alike
+    # the forward sees θ + ε Σ d_i z_i, with masters and without alike
     for master in (True, False):
         _, method = _setup(tiny_model, master=master)
-        shards = method.shards
-        base = [s.local.double() for s in shards]
         seeds, new = [11, 12], [1e-2 * float(c) for c in d]
-        method._move(seeds, [0.0, 0.0], new)
-        for s, b in zip(shards, base):  # 2 fp32 roundings of weights |w| <= 1: up to 1.2e-7
-            want = b + new[0] * _z(s, 11) + new[1] * _z(s, 12)
-            torch.testing.assert_close(s.local.double(), want, rtol=0, atol=2e-7)
-        method._move(seeds, new, [0.0, 0.0])
-        for s, b in zip(shards, base):
-            torch.testing.assert_close(s.local.double(), b, rtol=0, atol=0 if master else 3e-7)
+        at = Perturbation([Term(c, seed=s) for s, c in zip(seeds, new)])
+        for s in method.shards:  # 2 fp32 roundings of weights |w| <= 1: up to 1.2e-7
+            seen = torch.empty_like(s.local)
+            at.write(s, seen)
+            want = s.local.double() + new[0] * _z(s, 11) + new[1] * _z(s, 12)
+            torch.testing.assert_close(seen.double(), want, rtol=0, atol=2e-7)
 
 
 def test_non_finite_loss_skips_and_keeps_the_noise_state(tiny_model, tiny_batch):
@@ -258,24 +257,26 @@ def test_non_finite_loss_skips_and_keeps_the_noise_state(tiny_model, tiny_batch)
     assert all(torch.equal(before[n], after[n]) or n == "model.norm.weight" for n in before)
 
 
-def test_sharded_moves_and_update_equal_the_whole_bitwise():
-    """Simulated ranks (3 flat pieces of one parameter) apply a bszo_b step like the whole."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sharded_perturbation_and_update_equal_the_whole_bitwise(dtype):
+    """Simulated ranks (3 flat pieces of one parameter) see a bszo_b combination and apply a
+    step like the whole."""
     torch.manual_seed(0)
-    weight = torch.randn(9, 7)
+    weight = torch.randn(9, 7).to(dtype)
     seeds, d = [5, 6], [0.6, -0.8]
     results = []
+    at = Perturbation([Term(1e-3 * c, seed=s) for s, c in zip(seeds, d)])
     for cuts in ([], [10, 11]):
         w = weight.clone()
         flat, bounds = w.view(-1), [0, *cuts, w.numel()]
-        for master in (True, False):
-            pieces = [ParamShard("w", (9, 7), a, flat[a:b],
-                                 master=flat[a:b].clone() if master else None)
-                      for a, b in zip(bounds, bounds[1:])]
-            for piece in pieces:
-                rank = BSZO(MethodConfig(name="bszo", weight_decay=0.1), [piece])
-                rank._measure_axes(seeds, lambda: torch.zeros(()))
-                at = [1e-3 * c for c in d]
-                rank._move(seeds, [0.0, 1e-3], at)
-                rank._apply(seeds, [0.25, -0.5], 1e-2, at)
-        results.append(w)
-    assert torch.equal(results[0], results[1]) and not torch.equal(results[0], weight)
+        seen = []
+        for a, b in zip(bounds, bounds[1:]):
+            piece = ParamShard("w", (9, 7), a, flat[a:b])
+            seen.append(torch.empty_like(piece.local))
+            at.write(piece, seen[-1])
+            BSZO(MethodConfig(name="bszo", weight_decay=0.1), [piece])._apply(
+                seeds, [0.25, -0.5], 1e-2)
+        results.append((w, torch.cat(seen)))
+    (w1, p1), (w2, p2) = results
+    assert torch.equal(p1, p2) and not torch.equal(p1, weight.view(-1))
+    assert torch.equal(w1, w2) and not torch.equal(w1, weight)

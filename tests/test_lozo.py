@@ -12,6 +12,7 @@ from pipeline.parallel.single import SingleBackend
 from pipeline.zo.methods import METHODS, StepContext
 from pipeline.zo.methods.lozo import LOZO, factors
 from pipeline.zo.noise import gaussian
+from pipeline.zo.perturbation import Perturbation
 from pipeline.zo.shards import ParamShard
 
 
@@ -68,21 +69,25 @@ def test_sharded_direction_equals_slices_of_u_vt_bitwise(shape, cuts, rank):
         assert torch.equal(part, full[shard.start : shard.start + shard.numel])
 
 
-def test_sharded_move_and_update_equal_the_whole_bitwise():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sharded_perturbation_and_update_equal_the_whole_bitwise(dtype):
     torch.manual_seed(1)
-    weight, norm = torch.randn(7, 5), torch.randn(9)
+    weight, norm = torch.randn(7, 5).to(dtype), torch.randn(9).to(dtype)
     seeds = [11, 22]
     results = []
     for cuts in ([], [4]), ([11, 12], [2, 3]):
         w, b = weight.clone(), norm.clone()
-        shards = _pieces(w, "w", cuts[0], master=True) + _pieces(b, "b", cuts[1], master=True)
-        for shard in shards:  # each simulated rank runs its own method over its own pieces
+        seen = []
+        for shard in _pieces(w, "w", cuts[0]) + _pieces(b, "b", cuts[1]):
+            # each simulated rank runs its own method over its own pieces
             method = LOZO(_cfg(weight_decay=0.1), [shard])
-            method._move(seeds, 0.0, 1e-2)
-            method._move(seeds, 1e-2, -1e-2)
-            method._update(seeds, 0.37, 1e-2, current=-1e-2)
-        results.append((w, b))
-    (w1, b1), (w2, b2) = results
+            part = torch.empty_like(shard.local)
+            Perturbation.along(method._pieces(seeds), 1e-2).write(shard, part)
+            seen.append(part)
+            method._update(seeds, 0.37, 1e-2)
+        results.append((w, b, torch.cat(seen)))
+    (w1, b1, p1), (w2, b2, p2) = results
+    assert torch.equal(p1, p2) and not torch.equal(p1, torch.cat([weight.view(-1), norm]))
     assert torch.equal(w1, w2) and torch.equal(b1, b2) and not torch.equal(w1, weight)
 
 
@@ -187,9 +192,16 @@ class _Quadratic:
     def _loss(self, w, b):
         return torch.nn.functional.cross_entropy(self.x @ w.T + b, self.y)
 
-    def loss(self, batch):
+    def loss(self, batch, at=None):
+        """The loss at the stored ``w, b``, or at the perturbed values ``at`` writes."""
         del batch
-        return self._loss(self.w, self.b).detach()
+        if at is None:
+            return self._loss(self.w, self.b).detach()
+        seen = []
+        for shard in self.shards():
+            seen.append(torch.empty_like(shard.local))
+            at.write(shard, seen[-1])
+        return self._loss(seen[0].view(self.w.shape), seen[1]).detach()
 
     def all_reduce_mean(self, tensor):
         return tensor.to(torch.float64)

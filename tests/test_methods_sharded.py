@@ -105,18 +105,25 @@ def test_bszo_communicates_at_most_k_plus_1_scalars_per_step(backend, small, tmp
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_pgap_factors_bitwise_on_both_ranks_and_track_one_process(backend, small, single,
-                                                                   tmp_path):
+def test_pgap_factors_sharded_by_rows_bitwise_across_ranks_and_track_one_process(
+        backend, small, single, tmp_path):
     r0, r1 = _ranks("pgap", backend, small, tmp_path)
     one = single("pgap")
     assert r0["refreshed_at"] == r1["refreshed_at"] == one["refreshed_at"] == 2
     f0, f1, f = r0["factors"], r1["factors"], one["factors"]
     assert f0 and set(f0) == set(f1) == set(f)
     for name in f:
-        assert all(torch.equal(a, b) for a, b in zip(f0[name], f1[name]))  # bitwise replicated
+        (u0, s0, v0), (u1, s1, v1), (u, s, v) = f0[name], f1[name], f[name]
+        assert torch.equal(s0, s1) and torch.equal(v0, v1)  # S and V: bitwise replicated
+        # U: each rank keeps only the rows its slice needs; together they cover U, and a row
+        # two ranks hold is bitwise the same on both
+        a0, a1 = r0["row0"][name], r1["row0"][name]
+        assert a0 == 0 and a0 + len(u0) >= a1 and a1 + len(u1) == len(u)
+        both = slice(a1, a0 + len(u0))
+        assert torch.equal(u0[both], u1[both.start - a1 : both.stop - a1])
+        whole = torch.cat([u0, u1[a0 + len(u0) - a1 :]])
         # the same truncated SVD of Ĝ: U S Vᵀ to the rounding of the probes' c_j (fp32 loss
         # reductions, magnified by 1/2ε and by the singular-value gaps; measured ~3e-5)
-        (u0, s0, v0), (u, s, v) = f0[name], f[name]
-        low0, low = (u0.double() * s0) @ v0.double().T, (u.double() * s) @ v.double().T
+        low0, low = (whole.double() * s0) @ v0.double().T, (u.double() * s) @ v.double().T
         assert ((low0 - low).norm() / low.norm()).item() < 1e-3, name
     _tracks(r0, one)

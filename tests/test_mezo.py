@@ -32,15 +32,16 @@ def test_lr_zero_restores_bitwise_with_fp32_master(tiny_model, tiny_batch, two_s
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-def test_lr_zero_without_master_drifts_by_at_most_a_few_ulps(tiny_model, tiny_batch):
-    backend, mezo = _setup(tiny_model, master=False)
+@pytest.mark.parametrize("two_sided", [True, False])
+def test_lr_zero_is_bitwise_without_master(tiny_model, tiny_batch, two_sided):
+    """The forwards never write the stored weights, so nothing drifts (MeZO's in-place
+    θ + εz - 2εz + εz did, by about an ulp per step)."""
+    backend, mezo = _setup(tiny_model, master=False, two_sided=two_sided)
     before = _params(tiny_model)
     for step in range(3):
         mezo.step(StepContext(step, 0, 0.0, tiny_batch, backend))
     after = _params(tiny_model)
-    drift = max(((after[n] - before[n]).abs() / before[n].abs().clamp(min=1e-3)).max().item()
-                for n in before)
-    assert 0 < drift < 1e-5  # real (MeZO's restore is not exact in floating point) but tiny
+    assert all(torch.equal(before[n], after[n]) for n in before)
 
 
 def _true_gradient(model, batch, name):

@@ -15,7 +15,15 @@ from pipeline.parallel import trainable_names
 from pipeline.parallel.single import SingleBackend
 from pipeline.zo.methods import METHODS, StepContext
 from pipeline.zo.methods.mezo import MeZO
-from pipeline.zo.methods.pgap import PGAP, aligned_core, row_pieces, step_sign
+from pipeline.zo.methods.pgap import (
+    PGAP,
+    aligned_core,
+    chunk_rows,
+    needed_rows,
+    owned_rows,
+    row_pieces,
+    step_sign,
+)
 from pipeline.zo.noise import gaussian
 from pipeline.zo.range_finder import sharded_svd
 from pipeline.zo.seeds import name_key
@@ -345,3 +353,23 @@ def test_checkpoint_resume_is_bitwise(tiny_job, tmp_path):
     a, b = (load_file(str(checkpoint.latest(d)[1] / "shards-rank0.safetensors"))
             for d in (tmp_path / "a", tmp_path / "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_u_rows_are_sharded_like_the_weight(world):
+    """A rank keeps the rows of U its slice needs (whole chunks of the direction's row grid),
+    about out / W plus a chunk at each end; the rows whose first element a rank holds tile U."""
+    out, inner = 13824, 5120  # a 13B MLP weight: chunks of 51 rows
+    total = out * inner
+    part = -(-total // world)  # ZeRO-3's flat partitions: slices start anywhere in a row
+    chunk = chunk_rows(inner)
+    owned = []
+    for rank in range(world):
+        start = min(rank * part, total)
+        numel = max(0, min(part, total - start))
+        lo, hi = needed_rows((out, inner), start, numel)
+        assert lo <= start // inner and hi >= -(-(start + numel) // inner)  # covers the slice
+        assert hi - lo <= out / world + 2 * chunk
+        owned.append(owned_rows((out, inner), start, numel))
+    assert owned[0][0] == 0 and owned[-1][1] == out
+    assert all(a[1] == b[0] for a, b in zip(owned, owned[1:]))

@@ -22,9 +22,9 @@ from pipeline.config import MethodConfig, load_config
 from pipeline.data.encoding import Encoded, choice_batch
 from pipeline.parallel.single import SingleBackend
 from pipeline.parallel.zero3 import Zero3ConfigError, owned_range, prepare_ds_config
-from pipeline.zo import perturb
 from pipeline.zo.methods import StepContext
 from pipeline.zo.methods.mezo import MeZO
+from pipeline.zo.perturbation import Perturbation
 
 WORLD = 2
 GLOBAL_BATCH = 8
@@ -53,13 +53,22 @@ def _batch(seed: int, rank: int = 0, world: int = 1):
 def _config(model_dir, backend: str, dtype: str):
     return load_config(None, [f"model.name_or_path={model_dir}", f"parallel.backend={backend}",
                               f"model.dtype={dtype}", "model.device=cpu",
-                              "precision.master_weights=fp32",
                               f"train.batch_size={GLOBAL_BATCH}", f"method.eps={EPS}",
                               f"method.lr={LR}"])
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().view(torch.uint8)
+
+
+def _written(shards) -> list[torch.Tensor]:
+    """What the probe perturbation shows a forward, shard by shard."""
+    at, out = Perturbation.dense(PROBE_SEED, EPS), []
+    for s in shards:
+        seen = torch.empty_like(s.local)
+        at.write(s, seen)
+        out.append(seen)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,20 +112,20 @@ def _checks(backend, rank: int, split: bool) -> dict:
     out["loss0"] = backend.loss(full)
     out["released"].append(released())
 
-    # 1. the perturbation of each owned slice, and the padding left alone
-    perturb.move(shards, PROBE_SEED, 0.0, EPS)
-    out["perturbed"] = [s.local.detach().clone() for s in shards]
-    out["padding_kept"] = all(torch.equal(_bits(p)[s.numel * p.element_size():],
-                                          b[s.numel * p.element_size():])
-                              for s, p, b in zip(shards, parts, initial))
-    # 2. the next forward sees it
-    out["loss_plus"] = backend.loss(full)
-    out["scores_plus"] = backend.scores(full)
+    # 1. the perturbation of each owned slice, as written for the gather
+    out["perturbed"] = _written(shards)
+    # 2. the perturbed forward sees it, and leaves every byte of every partition as it was
+    # (padding included): no master, nothing restored
+    probe = Perturbation.dense(PROBE_SEED, EPS)
+    out["loss_plus"] = backend.loss(full, probe)
     out["released"].append(released())
-    # 3. back to 0 with the fp32 masters: every byte of every partition as before
-    perturb.move(shards, PROBE_SEED, EPS, 0.0)
-    out["restored"] = all(torch.equal(_bits(p), b) for p, b in zip(parts, initial))
+    out["untouched"] = all(torch.equal(_bits(p), b) for p, b in zip(parts, initial))
     out["loss_back"] = backend.loss(full)
+    # 3. MeZO steps at learning rate 0: bitwise unchanged
+    lr0 = MeZO(MethodConfig(lr=0.0, eps=EPS), shards)
+    for step in range(2):
+        lr0.step(StepContext(step, RUN_SEED, 0.0, full, backend))
+    out["lr0_unchanged"] = all(torch.equal(_bits(p), b) for p, b in zip(parts, initial))
 
     # 4. MeZO on this rank's part of each step's global batch (or the whole of it)
     method = MeZO(MethodConfig(lr=LR, eps=EPS), shards)
@@ -208,24 +217,20 @@ def test_zero3_two_ranks_match_single_process(model_dir, tmp_path, one_thread, d
 
     full = _batch(0)
     loss0 = single.loss(full)
-    perturb.move(single.shards(), PROBE_SEED, 0.0, EPS)
     # 1. sharding invariance: every rank's slice is bitwise the single-process perturbation
     for r in ranks:
-        assert r["padding_kept"]
         for name, start, n, got in zip(r["names"], r["starts"], r["numels"], r["perturbed"]):
-            assert torch.equal(got, by_name[name].local[start : start + n]), name
+            want = _written([by_name[name]])[0]
+            assert torch.equal(got, want[start : start + n]), name
     # 2. each rank runs the whole batch: the loss of the gathered, perturbed weights is bitwise
     # the single-process loss (the gathered weights are bitwise equal, the kernels the same)
-    loss_plus, scores_plus = single.loss(full), single.scores(full)
+    loss_plus = single.loss(full, Perturbation.dense(PROBE_SEED, EPS))
     assert loss_plus != loss0  # the perturbation is seen
     for r in ranks:
         assert torch.equal(r["loss0"], loss0)
         assert torch.equal(r["loss_plus"], loss_plus), (r["loss_plus"], loss_plus)
-        assert torch.equal(r["scores_plus"], scores_plus)
-    # 3. exact restore with fp32 masters (every byte of the partitions, padding included)
-    perturb.move(single.shards(), PROBE_SEED, EPS, 0.0)
-    for r in ranks:
-        assert r["restored"]
+        # 3. the stored partitions were never written: exact without masters, every byte
+        assert r["untouched"] and r["lr0_unchanged"]
         assert torch.equal(r["loss_back"], loss0)
 
     # 4. MeZO: identical projected gradients on every rank, tracking the single-process run
@@ -274,14 +279,16 @@ def test_prepare_ds_config_sets_batch_and_precision_and_rejects_unsafe_settings(
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["train_batch_size"] == 16
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 0
     assert raw["bf16"]["enabled"] is True  # the file's dict is left as it was
     for dtype in ["fp32", "bf16", "fp16", "offload"]:
         cfg = read_ds_config(default_ds_config(dtype))
         assert cfg["zero_optimization"]["stage"] == 3 and "optimizer" not in cfg
     bad = {"zero_optimization": {"stage": 2, "stage3_param_persistence_threshold": 100,
+                                 "stage3_prefetch_bucket_size": 5e7,
                                  "offload_param": {"device": "nvme"}},
            "optimizer": {"type": "AdamW"}}
     with pytest.raises(Zero3ConfigError) as err:
         prepare_ds_config(bad, dtype="bf16", batch_size=8, world_size=2)
-    for word in ["stage", "optimizer", "persistence_threshold", "nvme"]:
+    for word in ["stage", "optimizer", "persistence_threshold", "prefetch_bucket_size", "nvme"]:
         assert word in str(err.value)

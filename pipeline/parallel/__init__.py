@@ -27,9 +27,7 @@ def build_backend(cfg):
 
 
 def wants_master(cfg) -> bool:
-    """fp32 masters: explicit, or by default for 16-bit storage."""
-    if cfg.precision.master_weights == "auto":
-        return cfg.model.dtype != "fp32"
+    """fp32 masters, only when ``precision.master_weights=fp32`` asks (the default has none)."""
     return cfg.precision.master_weights == "fp32"
 
 

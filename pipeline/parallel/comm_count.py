@@ -14,17 +14,21 @@ import torch
 import torch.distributed as dist
 
 COUNTED = ("all_gather", "all_reduce", "broadcast", "all_gather_object", "broadcast_object_list",
-           "reduce", "scatter", "gather", "all_to_all", "send", "recv", "all_gather_into_tensor",
-           "reduce_scatter_tensor")
+           "reduce", "scatter", "gather", "all_to_all", "all_to_all_single", "send", "recv",
+           "all_gather_into_tensor", "reduce_scatter_tensor")
 
 
-def _tensors(values) -> list[torch.Tensor]:
+OUTPUT_FIRST = ("all_gather", "all_gather_into_tensor", "all_to_all", "all_to_all_single",
+                "reduce_scatter_tensor")
+
+
+def tensors_in(values) -> list[torch.Tensor]:
     out = []
     for v in values:
         if isinstance(v, torch.Tensor):
             out.append(v)
         elif isinstance(v, (list, tuple)):
-            out += _tensors(v)
+            out += tensors_in(v)
     return out
 
 
@@ -36,10 +40,10 @@ def counting(backend):
     inside = [False]
     forward = backend.loss
 
-    def loss(batch):
+    def loss(batch, at=None):
         inside[0] = True
         try:
-            return forward(batch)
+            return forward(batch, at)
         finally:
             inside[0] = False
 
@@ -47,9 +51,9 @@ def counting(backend):
 
     def wrap(name, original):
         def counted(*args, **kwargs):
-            # a list given as the first argument of all_gather is the output: count the inputs
-            sent = args[1:] if name == "all_gather" else args
-            tensors = _tensors([*sent, *kwargs.values()])
+            # the first argument of these is the output: count the inputs
+            sent = args[1:] if name in OUTPUT_FIRST else args
+            tensors = tensors_in([*sent, *kwargs.values()])
             calls.append({"op": name, "numel": sum(t.numel() for t in tensors),
                           "bytes": sum(t.numel() * t.element_size() for t in tensors),
                           "in_forward": inside[0]})

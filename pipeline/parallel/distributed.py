@@ -3,17 +3,29 @@
 Launch is always ``torchrun`` (under SLURM ``srun torchrun``); it sets RANK, WORLD_SIZE,
 LOCAL_RANK and the rendezvous. The process group is gloo on CPU and NCCL on CUDA.
 
-Loss scalars are combined deterministically: an all-gather, then a float64 sum in rank order,
-so the step's projected gradient is the same number on every rank and at every world size with
-the same global batch (up to the fp32 rounding of each rank's own mean).
+Every reduction is deterministic: a float64 sum in rank order, so the step's projected gradient
+(and an AGZO basis, a P-GAP range-finder product) is the same number on every rank and at every
+world size with the same global batch (up to the fp32 rounding of each rank's own mean).
+
+- up to :data:`GATHERED` elements (loss scalars, a stop flag): one all-gather of every rank's
+  values, then the sum;
+- larger vectors: chunked, so that the traffic and buffers per rank do not grow with the world
+  size: an all-to-all gives rank ``j`` every rank's ``j``-th chunk (``n/W`` each), rank ``j`` sums
+  them in rank order, and an all-gather of the summed chunks gives everyone the result. Each rank
+  sends and receives about ``2n(W-1)/W`` values and holds ``O(n)``, where the all-gather of whole
+  vectors would receive ``n(W-1)`` and hold ``nW``. The sums are the same operations in the same
+  order, so the two paths give bitwise the same numbers.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import torch.distributed as dist
+
+GATHERED = 64  # reductions of at most this many elements use one all-gather
 
 
 def launched_by_torchrun() -> bool:
@@ -61,6 +73,8 @@ class DistributedBackend:
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Mean over ranks in float64, summed in rank order (bitwise the same on every rank)."""
         local = tensor.detach().to(self.device, torch.float64)
+        if local.numel() > GATHERED:
+            return chunked_mean(local.reshape(-1), self.world_size).view(local.shape).cpu()
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local)
         total = gathered[0].clone()
@@ -75,3 +89,22 @@ class DistributedBackend:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def chunked_mean(flat: torch.Tensor, world: int) -> torch.Tensor:
+    """The rank-order float64 mean of a 1-D vector over ``world`` ranks, reduced chunk by chunk
+    (all-to-all, a sum in rank order, all-gather: see the module docstring)."""
+    n = flat.numel()
+    size = math.ceil(n / world)
+    padded = torch.zeros(size * world, dtype=torch.float64, device=flat.device)
+    padded[:n] = flat
+    received = torch.empty_like(padded)
+    dist.all_to_all_single(received, padded)  # block j: rank j's values of this rank's chunk
+    parts = received.view(world, size)
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    total /= world
+    gathered = torch.empty_like(padded)
+    dist.all_gather_into_tensor(gathered, total)
+    return gathered[:n]

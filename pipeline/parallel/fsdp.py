@@ -2,12 +2,14 @@
 
 Each trainable parameter is a DTensor sharded along dim 0 (``Shard(0)``); this rank's shard is
 its local tensor, rows ``[r*ceil(d0/ws), ...)`` of the parameter, i.e. the flat global range
-starting at ``row0 * prod(shape[1:])``. Perturbations go into the local tensor in place; the next
-forward's all-gather reads them. The root module stays unsharded after a ``no_grad`` forward, so
-every forward ends with ``reshard()``: no gathered copy survives into the next perturbation.
+starting at ``row0 * prod(shape[1:])``. A perturbed forward writes each unit's perturbed shard
+into FSDP2's all-gather input (:mod:`pipeline.parallel.fsdp_delivery`), so the stored shards are
+never written while measuring and no memory is added; updates go into the local tensors. The
+root module stays unsharded after a ``no_grad`` forward, so every forward ends with
+``reshard()``: no gathered copy survives into the next forward.
 
-Mixed precision: storage is the configured dtype; FSDP2's ``MixedPrecisionPolicy`` is not used,
-since ZO perturbs the stored shards directly (fp32 masters live in the ParamShards).
+Mixed precision: storage is the configured dtype; FSDP2's ``MixedPrecisionPolicy`` is not used
+(the forward runs in the storage dtype, as inference does).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pipeline.models.objective import batch_loss, candidate_scores
 from pipeline.models.tuning import load_tuned_model, tuned_names
 from pipeline.parallel import make_shard, wants_master
 from pipeline.parallel.distributed import DistributedBackend, init_process_group
+from pipeline.parallel.fsdp_delivery import FSDPDelivery
 
 
 def _blocks(model) -> list[torch.nn.Module]:
@@ -46,6 +49,7 @@ class FSDPBackend(DistributedBackend):
             self._shards.append(
                 make_shard(name, p.shape, start, local.view(-1), master=master)
             )
+        self._delivery = FSDPDelivery(model, self._shards, self.world_size)
 
     @classmethod
     def from_config(cls, cfg) -> FSDPBackend:
@@ -57,14 +61,17 @@ class FSDPBackend(DistributedBackend):
     def shards(self):
         return self._shards
 
-    def _forward(self, fn, batch) -> torch.Tensor:
-        with torch.no_grad():
-            out = fn(self.model, batch.to(self.device))
-        self.model.reshard()
+    def _forward(self, fn, batch, at=None) -> torch.Tensor:
+        try:
+            with torch.no_grad(), self._delivery.applying(at):
+                out = fn(self.model, batch.to(self.device))
+        finally:
+            self.model.reshard()
         return out.cpu()
 
-    def loss(self, batch) -> torch.Tensor:
-        return self._forward(batch_loss, batch)
+    def loss(self, batch, at=None) -> torch.Tensor:
+        """This rank's batch loss (fp32) at the stored weights, or perturbed by ``at``."""
+        return self._forward(batch_loss, batch, at)
 
     def scores(self, batch) -> torch.Tensor:
         return self._forward(candidate_scores, batch)

@@ -1,4 +1,10 @@
-"""The single-process backend: every parameter is one whole shard (``start = 0``)."""
+"""The single-process backend: every parameter is one whole shard (``start = 0``).
+
+A perturbed forward (``loss(batch, at=...)``) sees each module's trainable weights as a transient
+perturbed copy swapped in for that module's forward only (:mod:`pipeline.parallel.swap_delivery`),
+so the stored weights are never written while measuring and the extra memory is one module's
+weights at a time.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from pipeline.models.loading import resolve_device
 from pipeline.models.objective import batch_loss, candidate_scores
 from pipeline.models.tuning import load_tuned_model, tuned_names
 from pipeline.parallel import make_shard, wants_master
+from pipeline.parallel.swap_delivery import SwapDelivery
 
 
 class SingleBackend:
@@ -22,6 +29,7 @@ class SingleBackend:
             make_shard(n, params[n].shape, 0, params[n].data.view(-1), master=master)
             for n in names
         ]
+        self._delivery = SwapDelivery(model, self._shards, params)
 
     @classmethod
     def from_config(cls, cfg) -> SingleBackend:
@@ -34,8 +42,10 @@ class SingleBackend:
         return self._shards
 
     @torch.no_grad()
-    def loss(self, batch) -> torch.Tensor:
-        return batch_loss(self.model, batch.to(self.device)).cpu()
+    def loss(self, batch, at=None) -> torch.Tensor:
+        """This process's batch loss (fp32) at the stored weights, or perturbed by ``at``."""
+        with self._delivery.applying(at):
+            return batch_loss(self.model, batch.to(self.device)).cpu()
 
     @torch.no_grad()
     def scores(self, batch) -> torch.Tensor:

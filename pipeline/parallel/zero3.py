@@ -8,14 +8,20 @@ partition is padding (uninitialised memory that the all-gather drops); a shard c
 owned elements, so padding never receives noise. A rank that owns nothing of a tiny parameter
 keeps a 0-length shard, so every rank has the same list of shards.
 
-Perturbations go into ``ds_tensor`` in place; each forward all-gathers the partitions module by
-module. For the next forward to see a perturbation, no gathered copy may outlive a forward:
+Each forward all-gathers the partitions module by module. A perturbed forward swaps a transient
+perturbed copy of a module's partitions in for DeepSpeed's gather of that module and back right
+after it (:mod:`pipeline.parallel.swap_delivery`), so the stored partitions are never written
+while measuring; updates go into ``ds_tensor`` in place. For every forward to see the partitions
+as they are:
 
 - ``stage3_param_persistence_threshold`` must be 0 (DeepSpeed's default 1e5 keeps small
-  parameters gathered for good, and a perturbation of their partitions would be ignored);
+  parameters gathered for good, and neither a perturbation nor an update would reach them);
+- ``stage3_prefetch_bucket_size`` is 0: a prefetched module is gathered before its own hooks run,
+  so it would miss its perturbation (the cost: no overlap of a module's gather with the previous
+  module's compute on GPUs);
 - after every forward, ``DeepSpeedZeRoOffload.partition_all_parameters()`` (the coordinator's
-  ``release_and_reset_all``: wait for in-flight prefetches, release every gathered parameter)
-  runs and raises if any parameter is still available.
+  ``release_and_reset_all``: release every gathered parameter) runs and raises if any parameter
+  is still available.
 
 ``memory_efficient_linear`` is always turned off: left on, ``zero.Init`` swaps
 ``torch.nn.functional.linear`` process-wide for a backward-memory saver that rounds differently.
@@ -42,6 +48,7 @@ from pipeline.models.objective import batch_loss, candidate_scores
 from pipeline.models.tuning import tuned_names
 from pipeline.parallel import make_shard, wants_master
 from pipeline.parallel.distributed import DistributedBackend, init_process_group
+from pipeline.parallel.swap_delivery import SwapDelivery
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 
@@ -90,6 +97,10 @@ def prepare_ds_config(raw: dict, *, dtype: str, batch_size: int, world_size: int
         errors.append(f"zero_optimization.stage3_param_persistence_threshold is {threshold}; it "
                       "must be 0 (persistent parameters stay gathered and would not see "
                       "perturbations of their partitions)")
+    prefetch = zero.setdefault("stage3_prefetch_bucket_size", 0)
+    if prefetch != 0:
+        errors.append(f"zero_optimization.stage3_prefetch_bucket_size is {prefetch}; it must be 0 "
+                      "(a prefetched module is gathered before its perturbation is written)")
     if int(zero.get("zero_hpz_partition_size", 1)) > 1:
         errors.append("zero_optimization.zero_hpz_partition_size > 1 is not supported (the "
                       "secondary partition copy would not see perturbations)")
@@ -171,6 +182,21 @@ def _clear_caches(fn, depth: int = 3) -> None:
         _clear_caches(f, depth - 1)
 
 
+def _partition(param) -> torch.Tensor:
+    """What DeepSpeed gathers of a parameter: this rank's partition."""
+    return param.ds_tensor
+
+
+def _gather_pending(param) -> bool:
+    """Whether DeepSpeed is about to gather ``param`` (its module's pre-forward hook is next)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if param.ds_status == ZeroParamStatus.INFLIGHT:
+        raise Zero3ConfigError(f"{param.ds_summary()} was prefetched before its perturbation; set "
+                               "zero_optimization.stage3_prefetch_bucket_size to 0")
+    return param.ds_status == ZeroParamStatus.NOT_AVAILABLE
+
+
 class Zero3Backend(DistributedBackend):
     def __init__(self, engine, names: list[str], device, *, master: bool, hf_ds_config=None):
         super().__init__(device)
@@ -196,6 +222,11 @@ class Zero3Backend(DistributedBackend):
                                        dist.get_rank(group=p.ds_process_group))
             local = part.data.view(-1)[:owned]
             self._shards.append(make_shard(name, p.ds_shape, start, local, master=master))
+        self._delivery = SwapDelivery(self.model, self._shards, params,
+                                      holder=_partition,
+                                      gather_pending=_gather_pending,
+                                      restore_after_forward=False,
+                                      before_gather=self._gather_waits())
 
     @classmethod
     def from_config(cls, cfg) -> Zero3Backend:
@@ -235,14 +266,27 @@ class Zero3Backend(DistributedBackend):
         stays available. Collective-free: it only frees local memory."""
         self._offload.partition_all_parameters()
 
-    def _forward(self, fn, batch) -> torch.Tensor:
-        with torch.no_grad():
-            out = fn(self.model, batch.to(self.device))
-        self.release()
+    def _gather_waits(self):
+        """On CUDA: make DeepSpeed's gather stream wait for the perturbed buffers' writes."""
+        if self.device.type != "cuda":
+            return None
+        coordinator = self._offload.get_param_coordinator()
+        stream = getattr(coordinator, "_PartitionedParameterCoordinator__allgather_stream", None)
+        if stream is None:
+            return lambda: torch.cuda.current_stream().synchronize()
+        return lambda: stream.wait_stream(torch.cuda.current_stream())
+
+    def _forward(self, fn, batch, at=None) -> torch.Tensor:
+        try:
+            with torch.no_grad(), self._delivery.applying(at):
+                out = fn(self.model, batch.to(self.device))
+        finally:
+            self.release()
         return out.cpu()
 
-    def loss(self, batch) -> torch.Tensor:
-        return self._forward(batch_loss, batch)
+    def loss(self, batch, at=None) -> torch.Tensor:
+        """This rank's batch loss (fp32) at the stored weights, or perturbed by ``at``."""
+        return self._forward(batch_loss, batch, at)
 
     def scores(self, batch) -> torch.Tensor:
         return self._forward(candidate_scores, batch)

@@ -23,12 +23,13 @@ forwards being recorded and removed afterwards, copy each layer's input rows:
 - rows are kept in the activations' own dtype on their device (no fp32 upcast of a layer's whole
   input); products upcast chunks of :data:`CHUNK` rows at a time.
 
-Memory: ``cap · Σ_g in_g`` elements of the storage dtype for the distinct inputs ``g`` of the
-hooked layers (e.g. a Llama block has 4: attention input, o_proj input, MLP input, down_proj
-input), held from the recorded forward until the bases are computed, plus a transient
-``CHUNK · in`` fp32 chunk. E.g. Qwen3-0.6B with cap 2048 in bf16: 2048 · 28 · (1024 + 2048 +
-1024 + 3072) · 2 B ≈ 0.8 GB; a 7B Llama: 2048 · 32 · 23296 · 2 B ≈ 3 GB (lower ``cap`` to trade
-accuracy of the basis for memory).
+Memory: kept rows (ZO-Act's calibration, over several forwards) cost ``cap · Σ_g in_g`` elements
+of the storage dtype for the distinct inputs ``g`` of the hooked layers (e.g. a Llama block has
+4: attention input, o_proj input, MLP input, down_proj input), held until the bases are computed,
+plus a transient ``CHUNK · in`` fp32 chunk. E.g. Qwen3-0.6B with cap 2048 in bf16: 2048 · 28 ·
+(1024 + 2048 + 1024 + 3072) · 2 B ≈ 0.8 GB; a 7B Llama: 2048 · 32 · 23296 · 2 B ≈ 3 GB. A
+streaming capture (``stream=``, AGZO's basis of one forward) instead hands each group's rows to
+a callback as soon as they are taken and keeps none: one group's rows at a time.
 
 Distributed subspace iteration (:func:`subspace_bases`). Every rank runs the same iterations on
 its own rows; per iteration the local products ``X_rᵀ(X_r Q)`` of all layers are concatenated
@@ -36,10 +37,13 @@ and averaged over ranks in ONE ``all_reduce_mean`` (float64, rank order: bitwise
 every rank), which is ``(1/W) XᵀX Q`` for the global ``X``; the QR (float64, on the CPU) of the
 same numbers then gives the same ``Q`` on every rank, and the scale ``1/W`` does not change the
 span. Communication: ``iters`` (+1 with Rayleigh–Ritz) collectives of ``Σ_g in_g · b`` float64
-values. Collectives run after the forward, never inside a hook, so they cannot interleave with a
-sharded backend's own parameter gathers (FSDP2, ZeRO-3). The initial ``Q`` comes from the seed
+values for the groups given together (the bases of groups reduced alone or together are bitwise
+the same: the reductions are elementwise). The initial ``Q`` comes from the seed
 (:func:`pipeline.zo.noise.gaussian` keyed by the group's first module name), the same on every
-rank.
+rank. A streaming capture runs these collectives inside the forward, in the layer's pre-hook,
+one group at a time: every rank runs the same hooks in the same order, and the sharded
+backends have finished gathering the layer's weights before its hooks run (FSDP2 unshards the
+whole block first; ZeRO-3's fetch hook runs before the capture's and prefetching is off).
 """
 
 from __future__ import annotations
@@ -76,10 +80,12 @@ def linear_modules(model: torch.nn.Module, names: set[str] | None = None,
 class RowCapture:
     """Masked, capped input rows of some ``nn.Linear`` layers, grouped by distinct input."""
 
-    def __init__(self, modules: dict[str, torch.nn.Module], cap: int, seed: int):
+    def __init__(self, modules: dict[str, torch.nn.Module], cap: int, seed: int, *,
+                 stream: Callable[[str, torch.Tensor], None] | None = None):
         self.modules = modules
         self.cap = cap
         self.seed = seed
+        self.stream = stream  # called with (group's first module, rows) instead of keeping them
         self.rows: list[list[torch.Tensor]] = []  # per group, the row blocks of each forward
         self.group_of: dict[str, int] = {}  # module name -> group
         self.first: list[str] = []  # per group, its first module (the group's stable name)
@@ -121,7 +127,11 @@ class RowCapture:
             self.first.append(name)
             self.group_of[name] = group
         self._last = (key, x, group)
-        self.rows[group].append(self._sample(x.detach(), group))
+        rows = self._sample(x.detach(), group)
+        if self.stream is not None:
+            self.stream(self.first[group], rows)
+        else:
+            self.rows[group].append(rows)
 
     def _row_mask(self, x: torch.Tensor) -> torch.Tensor | None:
         m = self.mask

@@ -14,8 +14,10 @@ pure function of ``i`` and two 32-bit words ``k = (k0, k1)`` derived from ``mix(
 - Rademacher: ``±1`` from the top bit of ``H(i)``.
 
 :func:`apply` writes ``dst = ((src + z·a)·s + z·b)`` in the storage dtype of ``dst`` (``dst`` may
-be ``src``): one pass, no noise buffer once compiled. Every operation is elementwise on the
-element's own index, so a slice of a parameter gets exactly the slice of the whole.
+be ``src``): one pass, no noise buffer once compiled. The ``_sr`` kernels write the same fp32 value
+into a bf16/fp16 ``dst`` by stochastic rounding (:mod:`pipeline.zo.rounding`), the uniform draw of
+element ``i`` being ``H(i)`` under the rounding key words ``kr``. Every operation is elementwise on
+the element's own index, so a slice of a parameter gets exactly the slice of the whole.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from pipeline.zo.rounding import stochastic_round
 
 M1 = 0x7FEB352D
 M2 = 0x846CA68B - (1 << 32)  # the same 32-bit pattern as a signed int32 constant
@@ -57,11 +61,21 @@ def rademacher_at(i: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (1 - 2 * ((hash32(i, k) >> 31) & 1)).float()
 
 
+def _index(dst: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    return base + torch.arange(dst.shape[0], dtype=torch.int32, device=dst.device)
+
+
 def _apply(at, dst: torch.Tensor, src: torch.Tensor, base: torch.Tensor, k: torch.Tensor,
            coef: torch.Tensor) -> None:
-    i = base + torch.arange(dst.shape[0], dtype=torch.int32, device=dst.device)
-    z = at(i, k)
+    z = at(_index(dst, base), k)
     dst.copy_((src + z * coef[0]) * coef[1] + z * coef[2])
+
+
+def _apply_sr(at, dst, src, base, k, kr, coef) -> None:
+    i = _index(dst, base)
+    z = at(i, k)
+    v = (src + z * coef[0]) * coef[1] + z * coef[2]
+    dst.copy_(stochastic_round(v, hash32(i, kr), dst.dtype))
 
 
 def apply_gaussian(dst, src, base, k, coef) -> None:
@@ -79,4 +93,27 @@ def apply_stored(dst, src, z, coef) -> None:
     dst.copy_((src + z * coef[0]) * coef[1] + z * coef[2])
 
 
-REFERENCE = {"gaussian": apply_gaussian, "rademacher": apply_rademacher, "stored": apply_stored}
+def apply_gaussian_sr(dst, src, base, k, kr, coef) -> None:
+    """:func:`apply_gaussian` into a 16-bit ``dst`` by stochastic rounding with key words ``kr``."""
+    _apply_sr(gaussian_at, dst, src, base, k, kr, coef)
+
+
+def apply_rademacher_sr(dst, src, base, k, kr, coef) -> None:
+    """:func:`apply_rademacher` into a 16-bit ``dst`` by stochastic rounding."""
+    _apply_sr(rademacher_at, dst, src, base, k, kr, coef)
+
+
+def apply_stored_sr(dst, src, z, base, kr, coef) -> None:
+    """:func:`apply_stored` into a 16-bit ``dst`` by stochastic rounding."""
+    v = (src + z * coef[0]) * coef[1] + z * coef[2]
+    dst.copy_(stochastic_round(v, hash32(_index(dst, base), kr), dst.dtype))
+
+
+def round_into(dst, v, base, kr) -> None:
+    """``dst = SR(v)``: fp32 values ``v`` into a 16-bit ``dst`` (elements ``base + arange``)."""
+    dst.copy_(stochastic_round(v, hash32(_index(dst, base), kr), dst.dtype))
+
+
+REFERENCE = {"gaussian": apply_gaussian, "rademacher": apply_rademacher, "stored": apply_stored,
+             "gaussian_sr": apply_gaussian_sr, "rademacher_sr": apply_rademacher_sr,
+             "stored_sr": apply_stored_sr, "round": round_into}

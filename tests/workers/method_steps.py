@@ -3,7 +3,8 @@
 argv: OUT_DIR STEPS CONFIG [overrides...]; run directly (1 process) or under torchrun. Each rank
 saves ``rank<r>.pt`` with per-step ``loss`` and ``grad`` (projected gradients), AGZO's per-step
 ``bases``, BSZO's per-step ``posterior`` (μ, Σ, noise EMA), ZO-Act's final ``V`` and ``C`` and
-P-GAP's final ``factors`` (U, S, V per weight) and ``refreshed_at`` when the method has them.
+P-GAP's final ``factors`` (this rank's rows of U, S, V per weight), the first row of each local U
+(``row0``) and ``refreshed_at`` when the method has them.
 """
 
 import sys
@@ -37,7 +38,7 @@ def main() -> None:
     if hasattr(method, "C"):
         record.update(V=dict(method.V), C={n: c.clone() for n, c in method.C.items()})
     if hasattr(method, "factors"):
-        record.update(refreshed_at=method.refreshed_at,
+        record.update(refreshed_at=method.refreshed_at, row0=dict(method.row0),
                       factors={n: tuple(t.cpu() for t in f) for n, f in method.factors.items()})
     out.mkdir(parents=True, exist_ok=True)
     torch.save(record, out / f"rank{backend.rank}.pt")

@@ -30,17 +30,20 @@ Per step ``t`` (seeds ``s = step_seed(run seed, t, 0)`` for the direction and
    needed for the basis). NOTE: ``method.two_sided`` defaults to true for every method, so
    AGZO's recommended one-sided mode is set in ``jobs/agzo.yaml`` (``two_sided: false``).
 4. (Step 4) ``θ ← θ - η (g Δ + λθ)`` (λ = ``weight_decay``, skipped for biases and norms, 0 by
-   default), the restore fused into the same pass (with fp32 masters the restore is a copy).
+   default), written by stochastic rounding in 16-bit storage (:mod:`pipeline.zo.update`). The
+   forwards of step 3 are asked for at their points (``backend.loss(batch, at=θ ± εΔ)``): the
+   stored weights are never moved, so there is nothing to restore.
 
 Given ``A``, ``E[g Δ] = G A Aᵀ`` (to O(ε)) for a weight with gradient ``G``: the gradient
 projected on the activation subspace (rows of ``G = Eᵀ X`` lie in the row space of ``X``).
 
-Communication per step: ``K`` all-gathers (via ``all_reduce_mean``) of ``Σ_g in_g · r`` float64
-values (the distinct layer inputs ``g``), then one all-gather of the 2 (3) loss scalars.
+Communication per step: per distinct layer input ``g``, ``K`` all-reduces (``all_reduce_mean``)
+of ``in_g · r`` float64 values, inside the ``L0`` forward; then one all-gather of the 2 (3) loss
+scalars.
 
-Memory: the row samples of one forward, ``cap · Σ_g in_g`` elements of the activations' dtype
-(see :mod:`pipeline.zo.activations`), freed before the perturbed forwards; the bases
-``Σ_g in_g · r`` fp32 values and the ``R`` of each matrix (``out · r``).
+Memory: the row sample of one layer input at a time, ``cap · in_g`` elements of the activations'
+dtype (see :mod:`pipeline.zo.activations`); the bases ``Σ_g in_g · r`` fp32 values and the ``R``
+of each matrix (``out · r``).
 
 State: none; the bases are recomputed each step from the current weights and batch, so resume is
 exact. REPLAY is not supported: ``A`` depends on the activations, and logging it would cost
@@ -59,14 +62,16 @@ from typing import Any
 
 import torch
 
-from pipeline.zo import perturb
 from pipeline.zo.activations import RowCapture, linear_modules, per_rank_cap, subspace_bases
+from pipeline.zo.directions import Term, f32, z_blocks
 from pipeline.zo.methods.base import ReplayUnsupported, StepContext, StepStats
 from pipeline.zo.methods.lozo import low_rank_pieces
 from pipeline.zo.noise import gaussian
-from pipeline.zo.perturb import f32
+from pipeline.zo.perturbation import Perturbation
+from pipeline.zo.rounding import rounding_seed
 from pipeline.zo.seeds import name_key, step_seed
 from pipeline.zo.shards import ParamShard
+from pipeline.zo.update import update
 
 WEIGHT = ".weight"
 
@@ -81,10 +86,6 @@ class AGZO:
         self.last_bases: dict[str, torch.Tensor] = {}  # of the latest step (for inspection)
         self._modules: dict[str, torch.nn.Module] | None = None
         self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @property
-    def _masters(self) -> bool:
-        return any(s.master is not None for s in self.shards)
 
     def _hooked(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         """The ``nn.Linear`` modules whose (2-D) weight is one of this method's shards."""
@@ -102,17 +103,18 @@ class AGZO:
         if self.fixed_bases is not None:
             return backend.loss(ctx.batch), dict(self.fixed_bases)
         seed = step_seed(ctx.run_seed, ctx.step, 1)
+        found: list[torch.Tensor] = []
+
+        def basis(first: str, rows: torch.Tensor) -> None:  # one group at a time, rows freed
+            found.extend(subspace_bases([(first, [rows])], self.rank, self.cfg.agzo_iters, seed,
+                                        backend.all_reduce_mean))
+
         capture = RowCapture(self._hooked(backend.model),
-                             per_rank_cap(self.cfg.agzo_max_rows, backend.world_size), seed)
+                             per_rank_cap(self.cfg.agzo_max_rows, backend.world_size), seed,
+                             stream=basis)
         with capture.record(getattr(ctx.batch, "attention_mask", None)):
             l0 = backend.loss(ctx.batch)
-        groups = capture.groups()
-        found = subspace_bases(groups, self.rank, self.cfg.agzo_iters, seed,
-                               backend.all_reduce_mean)
-        del groups
-        capture.clear()
-        by_group = dict(enumerate(found))
-        return l0, {name: by_group[g] for name, g in capture.group_of.items()}
+        return l0, {name: found[g] for name, g in capture.group_of.items()}
 
     # -- step 2: the directions -------------------------------------------------------------
 
@@ -131,28 +133,25 @@ class AGZO:
             device = shard.local.device
             self._factors[shard.name] = (rr.to(device), a.to(device, torch.float32))
 
-    def direction(self, shard: ParamShard, seed: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """This shard's part of ``Δ``, ``(offset, piece)`` as in ``iter_blocks``."""
+    def direction(self, shard: ParamShard, seed: int, offset: int = 0,
+                  numel: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Elements ``[offset, offset + numel)`` of this shard's part of ``Δ``, ``(offset,
+        piece)`` as in ``iter_blocks`` (default: the whole shard)."""
+        numel = shard.numel - offset if numel is None else numel
         if shard.name in self._factors:
             r, a = self._factors[shard.name]
-            yield from low_rank_pieces(r, a, shard.start, shard.numel)
+            yield from low_rank_pieces(r, a, shard.start + offset, numel)
         else:
-            for off, z in perturb.z_blocks(seed, shard):
-                yield off, z.to(shard.local.device)
+            yield from z_blocks(seed, shard, offset, numel)
 
-    # -- moving the weights (LOZO's arithmetic with this method's directions) -------------------
+    def _at(self, seed: int, alpha: float) -> Perturbation:
+        return Perturbation.along(lambda sh, off, n: self.direction(sh, seed, off, n), alpha)
 
-    def _move(self, seed: int, current: float, new: float) -> None:
-        """Stored weights from ``θ + current·Δ`` to ``θ + new·Δ``."""
-        perturb.move(self.shards, None, current, new,
-                     pieces=lambda shard: self.direction(shard, seed))
-
-    def _update(self, seed: int, grad: float, lr: float, current: float) -> None:
-        """Step 4: ``θ ← (1 - ηλ) θ - η g Δ`` from the stored weights at ``θ + current·Δ``,
-        restore fused."""
-        perturb.update(self.shards, None, -lr * grad, current=current,
-                       decay=lr * self.cfg.weight_decay,
-                       pieces=lambda shard: self.direction(shard, seed))
+    def _update(self, seed: int, grad: float, lr: float) -> None:
+        """Step 4: ``θ ← (1 - ηλ) θ - η g Δ``."""
+        term = Term(-lr * grad, pieces=lambda sh, off, n: self.direction(sh, seed, off, n))
+        update(self.shards, [term], rounding=rounding_seed(seed),
+               decay=lr * self.cfg.weight_decay)
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -168,21 +167,15 @@ class AGZO:
             ctx.backend.all_reduce_mean(l0.reshape(1))
             return StepStats(math.nan, [math.nan], 1, seeds, skipped=True)
         self._set_factors(seed, bases)
-        local = [l0]
-        self._move(seed, 0.0, eps)
-        local.append(ctx.backend.loss(ctx.batch))
-        last = eps
+        local = [l0, ctx.backend.loss(ctx.batch, self._at(seed, eps))]
         if two:
-            self._move(seed, eps, -eps)
-            local.append(ctx.backend.loss(ctx.batch))
-            last = -eps
+            local.append(ctx.backend.loss(ctx.batch, self._at(seed, -eps)))
         losses = ctx.backend.all_reduce_mean(torch.stack(local)).tolist()
         if not all(math.isfinite(v) for v in losses):
-            self._move(seed, last, 0.0)
             self._factors = {}
             return StepStats(math.nan, [math.nan], forwards, seeds, skipped=True)
         grad = (losses[1] - losses[2]) / (2 * eps) if two else (losses[1] - losses[0]) / eps
-        self._update(seed, grad, ctx.lr, current=last)
+        self._update(seed, grad, ctx.lr)
         self._factors = {}
         return StepStats(losses[0], [grad], forwards, seeds)
 

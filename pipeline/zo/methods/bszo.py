@@ -31,9 +31,11 @@ single ε knob: the BSZO recipe sets ``eps=1e-4`` (the pipeline default 1e-3 is 
 one-sided by construction: ``method.two_sided`` and ``method.n_directions`` are not used; ``k`` is
 ``method.bszo_k``.
 
-Forwards per step: ``1 + k`` (bszo), ``1 + m`` (bszo_b). Regenerations of each ``z_i``: one to
-perturb, one to restore (a copy with fp32 masters), one to update; the restore of the last
-perturbation is fused into the update as in MeZO (``3k - 1`` without masters).
+Forwards per step: ``1 + k`` (bszo), ``1 + m`` (bszo_b). Each forward is asked for at its point
+(``backend.loss(batch, at=θ + ε Σ_i d_i z_i)``; the stored weights are never moved), so each
+``z_i`` is regenerated twice per step: once for its forward, once in the update, which sums all
+``k`` directions in one pass and writes the storage dtype by stochastic rounding
+(:mod:`pipeline.zo.update`).
 
 Communication per step: bszo, ONE all-gather of ``k + 1`` loss scalars (``L0, L_1..L_k``),
 averaged in float64 in rank order; bszo_b, that call plus one call of 1 scalar per extra
@@ -56,11 +58,13 @@ from typing import Any
 
 import torch
 
-from pipeline.zo import perturb
+from pipeline.zo.directions import Term
 from pipeline.zo.methods.base import StepContext, StepStats
-from pipeline.zo.perturb import f32
+from pipeline.zo.perturbation import Perturbation
+from pipeline.zo.rounding import rounding_seed
 from pipeline.zo.seeds import step_seed
 from pipeline.zo.shards import ParamShard
+from pipeline.zo.update import update
 
 
 class Posterior:
@@ -121,60 +125,19 @@ class BSZO:
         self.noise_ema = self.sigma_e0**2  # Alg. 1's adaptive σe² state, kept across steps
         self.posterior: Posterior | None = None  # the last step's, for inspection
 
-    @property
-    def _masters(self) -> bool:
-        return any(s.master is not None for s in self.shards)
+    # -- measuring and updating ------------------------------------------------------------------
 
-    # -- moving the weights --------------------------------------------------------------------
-
-    def _move(self, seeds: Sequence[int], current: Sequence[float], new: Sequence[float]) -> None:
-        """Stored weights from ``θ + Σ current_i z_i`` to ``θ + Σ new_i z_i``."""
-        changed = [i for i in range(len(seeds)) if current[i] != new[i]]
-        if not changed:
-            return
-        plain = [s for s in self.shards if s.master is None]
-        for i in changed:  # in place, one regeneration per changed direction
-            perturb.move(plain, seeds[i], current[i], new[i])
-        masters = [s for s in self.shards if s.master is not None]
-        active = [i for i in range(len(seeds)) if new[i] != 0.0]
-        if len(active) <= 1:
-            i = active[0] if active else changed[0]
-            perturb.move(masters, seeds[i], current[i], new[i])
-            return
-        for shard in masters:  # cast(master + Σ new_i z_i), summed in direction order
-            gens = [perturb.z_blocks(seeds[i], shard) for i in active]
-            for pieces in zip(*gens):
-                off, n = pieces[0][0], pieces[0][1].numel()
-                acc = shard.master[off : off + n].clone()
-                for i, (_, z) in zip(active, pieces):
-                    acc.add_(z.to(acc.device).mul_(f32(new[i])))
-                shard.local[off : off + n].copy_(acc)
-
-    def _measure_axes(self, seeds: list[int], loss: Callable[[], torch.Tensor]):
-        """``L0`` and the k forwards along ``e_τ``; leaves the weights at ``θ + ε z_k``."""
+    def _measure_axes(self, seeds: list[int], loss: Callable[[Perturbation | None], torch.Tensor]
+                      ) -> list[torch.Tensor]:
+        """``L0`` and the k forwards along ``e_τ`` (this rank's losses)."""
         eps = self.cfg.eps
-        local = [loss()]
-        for i, seed in enumerate(seeds):
-            perturb.move(self.shards, seed, 0.0, eps)
-            local.append(loss())
-            if i < len(seeds) - 1:
-                perturb.move(self.shards, seed, eps, 0.0)
-        at = [0.0] * len(seeds)
-        at[-1] = eps
-        return local, at
+        return [loss(None)] + [loss(Perturbation.dense(seed, eps)) for seed in seeds]
 
-    def _apply(self, seeds: list[int], mu: Sequence[float], lr: float, at: list[float]) -> None:
-        """``θ ← θ - η (Σ_i μ_i z_i + λθ)`` from weights at ``θ + Σ at_i z_i``, restore fused."""
-        k = len(seeds)
-        perturbed = [i for i in range(k) if at[i] != 0.0]
-        if len(perturbed) > 1:  # a bszo_b combination: restore first, then update
-            self._move(seeds, at, [0.0] * k)
-            at, perturbed = [0.0] * k, []
-        order = perturbed + [i for i in range(k) if i not in perturbed]
-        decay = lr * self.cfg.weight_decay
-        for j, i in enumerate(order):  # decay once, to θ itself, with the first direction
-            perturb.update(self.shards, seeds[i], -lr * mu[i], current=at[i],
-                           decay=decay if j == 0 else 0.0)
+    def _apply(self, seeds: list[int], mu: Sequence[float], lr: float) -> None:
+        """``θ ← θ - η (Σ_i μ_i z_i + λθ)`` in one pass over every shard."""
+        terms = [Term(-lr * m, seed=s) for s, m in zip(seeds, mu)]
+        update(self.shards, terms, rounding=rounding_seed(seeds[0]),
+               decay=lr * self.cfg.weight_decay)
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -182,15 +145,14 @@ class BSZO:
         eps, k = self.cfg.eps, self.k
         seeds = [step_seed(ctx.run_seed, ctx.step, i) for i in range(k)]
 
-        def loss() -> torch.Tensor:
-            return ctx.backend.loss(ctx.batch)
+        def loss(at: Perturbation | None) -> torch.Tensor:
+            return ctx.backend.loss(ctx.batch, at)
 
-        local, at = self._measure_axes(seeds, loss)
+        local = self._measure_axes(seeds, loss)
         forwards = len(local)
         values = ctx.backend.all_reduce_mean(torch.stack(local)).tolist()
 
         def skip(extra: dict[str, Any]) -> StepStats:
-            self._move(seeds, at, [0.0] * k)
             return StepStats(math.nan, [math.nan] * k, forwards, seeds, skipped=True,
                              extra=extra)
 
@@ -209,17 +171,15 @@ class BSZO:
                 continue
             d = post.top_eigenvector()
             directions.append(d.tolist())
-            new = [eps * c for c in directions[-1]]
-            self._move(seeds, at, new)
-            at = new
-            value = ctx.backend.all_reduce_mean(loss().reshape(1)).item()
+            at = Perturbation([Term(eps * c, seed=s) for s, c in zip(seeds, directions[-1])])
+            value = ctx.backend.all_reduce_mean(loss(at).reshape(1)).item()
             forwards += 1
             if not math.isfinite(value):
                 return skip({"directions": directions})
             ys.append((value - l0) / eps)
             post.observe(d, ys[-1])
         mu = post.mu.tolist()
-        self._apply(seeds, mu, ctx.lr, at)
+        self._apply(seeds, mu, ctx.lr)
         self.noise_ema = post.noise_ema
         self.posterior = post
         extra: dict[str, Any] = {"mu": mu, "sigma_e": post.sigma_e, "noise_ema": post.noise_ema}
@@ -228,25 +188,11 @@ class BSZO:
         return StepStats(l0, ys, forwards, seeds, extra=extra)
 
     def replay(self, record: dict[str, Any]) -> None:
-        """Re-apply a logged step (from step 1, in order). With masters the measuring moves leave
-        the masters untouched and are skipped; without, they are redone for bitwise-equal
-        rounding. The noise state is set to the logged one, so training can continue."""
-        seeds = record["seeds"]
-        k, eps = len(seeds), self.cfg.eps
-        at = [0.0] * k
-        at[-1] = eps
-        if not self._masters:
-            self._measure_axes(seeds, lambda: torch.zeros(()))
-        for d in record.get("directions", []):
-            new = [eps * c for c in d]
-            if not self._masters:
-                self._move(seeds, at, new)
-            at = new
+        """Re-apply a logged step (from step 1, in order; no forward: the measurements never
+        moved the weights). The noise state is set to the logged one, so training can go on."""
         if record.get("skipped"):
-            if not self._masters:
-                self._move(seeds, at, [0.0] * k)
             return
-        self._apply(seeds, record["mu"], record["lr"], at)
+        self._apply(record["seeds"], record["mu"], record["lr"])
         if "noise_ema" in record:
             self.noise_ema = record["noise_ema"]
 

@@ -47,11 +47,14 @@ from typing import Any
 
 import torch
 
-from pipeline.zo import perturb
+from pipeline.zo.directions import Term, z_blocks
 from pipeline.zo.methods.base import StepContext, StepStats
 from pipeline.zo.noise import BLOCK, gaussian
+from pipeline.zo.perturbation import Perturbation
+from pipeline.zo.rounding import rounding_seed
 from pipeline.zo.seeds import name_key, step_seed
 from pipeline.zo.shards import ParamShard
+from pipeline.zo.update import update
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -99,10 +102,6 @@ class LOZO:
         self.rank = cfg.lozo_rank
         self._cache: tuple[tuple[int, int], dict[str, Factors]] | None = None
 
-    @property
-    def _masters(self) -> bool:
-        return any(s.master is not None for s in self.shards)
-
     def seeds(self, run_seed: int, step: int) -> list[int]:
         """``[s_U, s_V]`` of a step: ``U`` of the step, ``V`` of its refresh period."""
         nu = self.cfg.lozo_nu
@@ -119,60 +118,48 @@ class LOZO:
             table[shard.name] = (u.to(shard.local.device), v.to(shard.local.device))
         return table[shard.name]
 
-    def direction(self, shard: ParamShard, seeds: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
-        """This shard's part of the step's direction, ``(offset, piece)`` as in ``iter_blocks``."""
+    def direction(self, shard: ParamShard, seeds: list[int], offset: int = 0,
+                  numel: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Elements ``[offset, offset + numel)`` of this shard's part of the step's direction,
+        ``(offset, piece)`` as in ``iter_blocks`` (default: the whole shard)."""
+        numel = shard.numel - offset if numel is None else numel
         if is_matrix(shard):
             u, v = self._factors(shard, seeds)
-            yield from low_rank_pieces(u, v, shard.start, shard.numel)
+            yield from low_rank_pieces(u, v, shard.start + offset, numel)
         else:
-            for off, z in perturb.z_blocks(seeds[0], shard):
-                yield off, z.to(shard.local.device)
+            yield from z_blocks(seeds[0], shard, offset, numel)
 
-    # -- moving the weights: perturb.move / perturb.update with this method's directions --------
+    def _pieces(self, seeds: list[int]):
+        return lambda shard, offset, numel: self.direction(shard, seeds, offset, numel)
 
-    def _move(self, seeds: list[int], current: float, new: float) -> None:
-        """Stored weights from ``θ + current·Δ`` to ``θ + new·Δ``."""
-        perturb.move(self.shards, None, current, new,
-                     pieces=lambda shard: self.direction(shard, seeds))
-
-    def _update(self, seeds: list[int], grad: float, lr: float, current: float) -> None:
-        """``W ← (1 - ηλ) W - η c U Vᵀ / r`` (``θ ← (1 - ηλ) θ - η c z`` off the matrices), from
-        the stored weights at ``θ + current·Δ``, restore fused."""
-        perturb.update(self.shards, None,
-                       lambda shard: -lr * grad / (self.rank if is_matrix(shard) else 1),
-                       current=current, decay=lr * self.cfg.weight_decay,
-                       pieces=lambda shard: self.direction(shard, seeds))
+    def _update(self, seeds: list[int], grad: float, lr: float) -> None:
+        """``W ← (1 - ηλ) W - η c U Vᵀ / r`` (``θ ← (1 - ηλ) θ - η c z`` off the matrices)."""
+        term = Term(lambda shard: -lr * grad / (self.rank if is_matrix(shard) else 1),
+                    pieces=self._pieces(seeds))
+        update(self.shards, [term], rounding=rounding_seed(seeds[0]),
+               decay=lr * self.cfg.weight_decay)
 
     def _measure(self, seeds: list[int], loss) -> list[torch.Tensor]:
-        """``L(θ + εΔ)``, ``L(θ - εΔ)``; leaves the weights at ``θ - εΔ``."""
+        """``L(θ + εΔ)``, ``L(θ - εΔ)`` (this rank's)."""
         eps = self.cfg.eps
-        self._move(seeds, 0.0, eps)
-        plus = loss()
-        self._move(seeds, eps, -eps)
-        return [plus, loss()]
+        return [loss(Perturbation.along(self._pieces(seeds), eps)),
+                loss(Perturbation.along(self._pieces(seeds), -eps))]
 
     def step(self, ctx: StepContext) -> StepStats:
         eps = self.cfg.eps
         seeds = self.seeds(ctx.run_seed, ctx.step)
-        local = self._measure(seeds, lambda: ctx.backend.loss(ctx.batch))
+        local = self._measure(seeds, lambda at: ctx.backend.loss(ctx.batch, at))
         losses = ctx.backend.all_reduce_mean(torch.stack(local)).tolist()
         if not all(math.isfinite(v) for v in losses):
-            self._move(seeds, -eps, 0.0)
             return StepStats(math.nan, [math.nan], 2, seeds, skipped=True)
         grad = (losses[0] - losses[1]) / (2 * eps)
-        self._update(seeds, grad, ctx.lr, current=-eps)
+        self._update(seeds, grad, ctx.lr)
         return StepStats(sum(losses) / 2, [grad], 2, seeds)
 
     def replay(self, record: dict[str, Any]) -> None:
-        """Re-apply a logged step; the measuring moves are redone only without masters."""
-        seeds, eps = record["seeds"], self.cfg.eps
-        if not self._masters:
-            self._measure(seeds, lambda: torch.zeros(()))
-        if record.get("skipped"):
-            if not self._masters:
-                self._move(seeds, -eps, 0.0)
-            return
-        self._update(seeds, record["projected_grad"][0], record["lr"], current=-eps)
+        """Re-apply a logged step (no forward: the measurements never moved the weights)."""
+        if not record.get("skipped"):
+            self._update(record["seeds"], record["projected_grad"][0], record["lr"])
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -8,8 +8,8 @@ Refresh, every ``T = method.pgap_refresh_every`` steps (and at the first step, a
 without factors), at the start of step ``t``:
 
 R1. ``q = method.pgap_q`` dense two-sided probes along ``z_j`` of ``p_j = step_seed(run seed, t,
-    1 + j)``: ``c_j = (L(θ + ε z_j) - L(θ - ε z_j)) / 2ε`` (``2q`` forwards; the weights go back to
-    ``θ`` after each probe, nothing is updated).
+    1 + j)``: ``c_j = (L(θ + ε z_j) - L(θ - ε z_j)) / 2ε`` (``2q`` forwards, each asked for at its
+    point; the stored weights are never moved and nothing is updated).
 R2. Per trainable 2-D weight, one layer at a time: ``Ĝ = (1/q) Σ_j c_j z_j`` over this rank's
     slice, accumulated in fp32 (one slice of one layer in memory at a time).
 R3. Rank-``r`` truncated SVD ``Ĝ ≈ U S Vᵀ`` (``r = min(method.pgap_rank, out, in)``) by the
@@ -26,7 +26,8 @@ P1. Per 2-D weight: core ``Ẑ ~ N(0, I)`` (r, r) of ``s`` keyed by ``"<name>::p
     so the aligned parts add up coherently across layers: a reconstruction choice).
 P2. ``Δ = U Z Vᵀ`` on the 2-D weights; every other parameter gets MeZO's isotropic ``z`` of ``s``.
 P3. Two-sided SPSA along ``Δ``: ``c = (L(θ + εΔ) - L(θ - εΔ)) / 2ε`` (2 forwards).
-P4. ``θ ← θ - η (c Δ + λθ)`` (λ = ``weight_decay``, skipped for biases and norms), restore fused.
+P4. ``θ ← θ - η (c Δ + λθ)`` (λ = ``weight_decay``, skipped for biases and norms), by stochastic
+    rounding in 16-bit storage (:mod:`pipeline.zo.update`).
 
 ``‖Δ‖ = ‖Z‖ ≈ r`` on a weight against ``√(out·in)`` for MeZO's ``z``: learning rates do not
 transfer from MeZO. Forwards: 2 per step, ``2 + 2q`` on refresh steps.
@@ -42,13 +43,20 @@ float64 in rank order. Per refresh: one all-gather of the ``2q`` probe losses, t
 weight ``2 + 2·power_iters`` all-reduces of ``out·k`` or ``in·k`` float64 values
 (``k = min(r + 10, out, in)``); no layer is gathered.
 
-Memory. The factors ``U, V`` (fp32, ``(out + in)·r`` per weight, replicated on every rank),
-``S`` (float64), and during a refresh one layer's slice of ``Ĝ`` (fp32, then float64 rows).
+Memory. Per weight, ``V`` (fp32, ``in·r``, the same on every rank: every row of ``Δ`` needs all of
+it), ``S`` (float64) and only the rows of ``U`` (and of ``U Z``) that this rank's slice of the
+weight touches, rounded out to whole chunks of :func:`row_pieces` (fp32, ``rows·r``): ``U`` is
+sharded like the weight, about ``out·r / W`` per rank. During a refresh, one layer's slice of
+``Ĝ`` (fp32, then float64 rows) and the range finder's thin ``(out or in)·(r+10)`` products.
 
 State and checkpoints. :meth:`state_dict` holds the step of the last refresh and every weight's
-``U, S, V`` (CPU tensors; identical on all ranks, so the checkpoint's rank-0 ``method.pt``
-carries them); a resumed run continues bitwise. Logged per step: ``seeds = [s]`` (``[s, p_1..p_q]``
-on refresh steps), ``projected_grad = [c]`` and on refresh steps ``probe_grads = [c_1..c_q]``:
+``S, V`` (CPU tensors; identical on all ranks, so the checkpoint's rank-0 ``method.pt`` carries
+them). Each rank saves the rows of ``U`` whose first element it holds (:meth:`shard_state`, flat
+slices of the ``(out, r)`` matrix at their global offset, so the ranks' rows tile ``U`` once and
+reload at any world size); on resume each rank loads the rows it needs
+(:meth:`shard_state_targets`). A resumed run continues bitwise. Logged per step:
+``seeds = [s]`` (``[s, p_1..p_q]`` on refresh steps), ``projected_grad = [c]`` and on refresh
+steps ``probe_grads = [c_1..c_q]``:
 :meth:`replay` refits the factors from those (no forward), so a single-process run replays
 bitwise; a sharded run's log replays to the float64 rounding of its reductions.
 """
@@ -61,16 +69,19 @@ from typing import Any
 
 import torch
 
-from pipeline.zo import perturb
+from pipeline.zo.directions import Term, f32
 from pipeline.zo.methods.base import StepContext, StepStats
 from pipeline.zo.methods.lozo import is_matrix
 from pipeline.zo.noise import BLOCK, gaussian, iter_blocks
-from pipeline.zo.perturb import f32
+from pipeline.zo.perturbation import Perturbation
 from pipeline.zo.range_finder import sharded_svd
+from pipeline.zo.rounding import rounding_seed
 from pipeline.zo.seeds import mix, name_key, step_seed
 from pipeline.zo.shards import ParamShard
+from pipeline.zo.update import update
 
 XI_TAG = 0x5047_4150  # "PGAP": the sign ξ is a hash of the step seed and this tag
+U_STATE = "pgap.U::"  # sharded state: rows of each weight's U
 
 
 def aligned_core(zhat: torch.Tensor, s: torch.Tensor, xi: float, delta: float) -> torch.Tensor:
@@ -88,23 +99,48 @@ def step_sign(seed: int) -> float:
     return 1.0 if mix(seed, XI_TAG) & 1 else -1.0
 
 
-def row_pieces(a: torch.Tensor, b: torch.Tensor, start: int, numel: int
-               ) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(offset, piece)`` covering flat elements ``[start, start+numel)`` of ``a bᵀ``.
+def chunk_rows(inner: int) -> int:
+    """Rows per chunk of :func:`row_pieces` for a weight of ``inner`` columns."""
+    return max(1, BLOCK // inner)
 
-    Rows are computed in chunks of ``max(1, BLOCK // in)`` rows aligned to multiples of that
-    size, each chunk by one matmul of a fixed shape, so an element is bitwise the same whichever
-    slice asks for it. Pieces are fresh tensors the caller may modify.
+
+def needed_rows(shape: tuple[int, int], start: int, numel: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of ``U`` a slice ``[start, start+numel)`` of a weight needs: the whole
+    chunks its rows fall in."""
+    out, inner = shape
+    if numel <= 0:
+        return 0, 0
+    c = chunk_rows(inner)
+    return (start // inner) // c * c, min(out, ((start + numel - 1) // inner // c + 1) * c)
+
+
+def owned_rows(shape: tuple[int, int], start: int, numel: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` whose first element lies in ``[start, start+numel)``: over the ranks'
+    slices these tile the rows exactly once."""
+    inner = shape[1]
+    return -(-start // inner), -(-(start + numel) // inner)
+
+
+def row_pieces(a: torch.Tensor, b: torch.Tensor, start: int, numel: int, row0: int = 0,
+               out: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(offset, piece)`` covering flat elements ``[start, start+numel)`` of ``a bᵀ``, where
+    ``a`` holds rows ``[row0, row0 + len(a))`` of an ``out``-row matrix (all of it by default).
+
+    Rows are computed in chunks of :func:`chunk_rows` rows aligned to multiples of that size
+    (``a`` must hold the whole chunks asked for: :func:`needed_rows`), each chunk by one matmul
+    of a fixed shape, so an element is bitwise the same whichever slice asks for it. Pieces are
+    fresh tensors the caller may modify.
     """
     if numel <= 0:
         return
-    out, inner = a.shape[0], b.shape[0]
-    chunk = max(1, BLOCK // inner)
+    inner = b.shape[0]
+    out = row0 + a.shape[0] if out is None else out
+    chunk = chunk_rows(inner)
     bt = b.T.contiguous()
     end = start + numel
     for c in range(start // inner // chunk, (end - 1) // inner // chunk + 1):
         r0, r1 = c * chunk, min((c + 1) * chunk, out)
-        flat = (a[r0:r1] @ bt).view(-1)
+        flat = (a[r0 - row0 : r1 - row0] @ bt).view(-1)
         lo, hi = max(start, r0 * inner), min(end, r1 * inner)
         yield lo - start, flat[lo - r0 * inner : hi - r0 * inner]
 
@@ -114,13 +150,12 @@ class PGAP:
         self.cfg = cfg
         self.shards = shards
         self.q = cfg.pgap_q
+        # per weight: (rows [lo, hi) of U, S, V) and lo
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.row0: dict[str, int] = {}
         self.refreshed_at: int | None = None
-        self._left: dict[str, torch.Tensor] = {}  # U Z of the current step, per weight
-
-    @property
-    def _masters(self) -> bool:
-        return any(s.master is not None for s in self.shards)
+        self._left: dict[str, torch.Tensor] = {}  # the local rows of U Z of the current step
+        self._by_name = {s.name: s for s in shards}
 
     def refresh_due(self, step: int) -> bool:
         return self.refreshed_at is None or step - self.refreshed_at >= self.cfg.pgap_refresh_every
@@ -128,14 +163,11 @@ class PGAP:
     # -- the refresh (R1-R3) ------------------------------------------------------------------
 
     def _probe(self, seeds: list[int], loss) -> list[torch.Tensor]:
-        """R1: the ``2q`` probe forwards; the weights end at ``θ``."""
+        """R1: the ``2q`` probe forwards."""
         eps, local = self.cfg.eps, []
         for seed in seeds:
-            perturb.move(self.shards, seed, 0.0, eps)
-            local.append(loss())
-            perturb.move(self.shards, seed, eps, -eps)
-            local.append(loss())
-            perturb.move(self.shards, seed, -eps, 0.0)
+            local.append(loss(Perturbation.dense(seed, eps)))
+            local.append(loss(Perturbation.dense(seed, -eps)))
         return local
 
     def estimate(self, shard: ParamShard, seeds: list[int], grads: list[float]) -> torch.Tensor:
@@ -149,7 +181,7 @@ class PGAP:
 
     def fit(self, seeds: list[int], grads: list[float], reduce) -> None:
         """R2-R3 for every 2-D weight, one at a time; ``reduce`` sums over ranks."""
-        factors = {}
+        factors, row0 = {}, {}
         for shard in self.shards:
             if not is_matrix(shard):
                 continue
@@ -158,10 +190,13 @@ class PGAP:
                                   name_key(shard.name + "::pgap.omega"), reduce,
                                   power_iters=self.cfg.pgap_power_iters)
             del g
+            lo, hi = needed_rows(shard.shape, shard.start, shard.numel)
             device = shard.local.device
-            factors[shard.name] = (u.to(device, torch.float32), s,
+            factors[shard.name] = (u[lo:hi].to(device, torch.float32), s,
                                    v.to(device, torch.float32))
-        self.factors = factors
+            row0[shard.name] = lo
+            del u
+        self.factors, self.row0 = factors, row0
 
     def probe_seeds(self, run_seed: int, step: int) -> list[int]:
         return [step_seed(run_seed, step, 1 + j) for j in range(self.q)]
@@ -171,7 +206,7 @@ class PGAP:
         finite (the old factors stay and the refresh stays due)."""
         backend, eps = ctx.backend, self.cfg.eps
         seeds = self.probe_seeds(ctx.run_seed, ctx.step)
-        local = self._probe(seeds, lambda: backend.loss(ctx.batch))
+        local = self._probe(seeds, lambda at: backend.loss(ctx.batch, at))
         losses = backend.all_reduce_mean(torch.stack(local)).tolist()
         if not all(math.isfinite(v) for v in losses):
             return None
@@ -193,32 +228,32 @@ class PGAP:
             z = aligned_core(zhat, s, xi, delta)
             self._left[name] = u @ z.to(u.device, torch.float32)
 
-    def direction(self, shard: ParamShard, seed: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """P2: this shard's part of ``Δ``, ``(offset, piece)`` as in ``iter_blocks``."""
+    def direction(self, shard: ParamShard, seed: int, offset: int = 0,
+                  numel: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """P2: elements ``[offset, offset + numel)`` of this shard's part of ``Δ``, ``(offset,
+        piece)`` as in ``iter_blocks`` (default: the whole shard)."""
+        numel = shard.numel - offset if numel is None else numel
+        start = shard.start + offset
         if shard.name in self._left:
-            yield from row_pieces(self._left[shard.name], self.factors[shard.name][2],
-                                  shard.start, shard.numel)
+            yield from row_pieces(self._left[shard.name], self.factors[shard.name][2], start,
+                                  numel, self.row0[shard.name], shard.shape[0])
         else:
-            for off, z in iter_blocks(seed, shard.key, shard.start, shard.numel, shard.total):
+            for off, z in iter_blocks(seed, shard.key, start, numel, shard.total):
                 yield off, z.to(shard.local.device)
 
-    def _move(self, seed: int, current: float, new: float) -> None:
-        perturb.move(self.shards, None, current, new,
-                     pieces=lambda shard: self.direction(shard, seed))
+    def _pieces(self, seed: int):
+        return lambda shard, offset, numel: self.direction(shard, seed, offset, numel)
 
     def _measure(self, seed: int, loss) -> list[torch.Tensor]:
-        """P3's forwards; leaves the weights at ``θ - εΔ``."""
+        """P3's forwards."""
         eps = self.cfg.eps
-        self._move(seed, 0.0, eps)
-        plus = loss()
-        self._move(seed, eps, -eps)
-        return [plus, loss()]
+        return [loss(Perturbation.along(self._pieces(seed), eps)),
+                loss(Perturbation.along(self._pieces(seed), -eps))]
 
     def _update(self, seed: int, grad: float, lr: float) -> None:
-        """P4 from the weights at ``θ - εΔ``, restore fused."""
-        perturb.update(self.shards, None, -lr * grad, current=-self.cfg.eps,
-                       decay=lr * self.cfg.weight_decay,
-                       pieces=lambda shard: self.direction(shard, seed))
+        """P4."""
+        update(self.shards, [Term(-lr * grad, pieces=self._pieces(seed))],
+               rounding=rounding_seed(seed), decay=lr * self.cfg.weight_decay)
 
     def step(self, ctx: StepContext) -> StepStats:
         eps = self.cfg.eps
@@ -232,42 +267,66 @@ class PGAP:
                 return StepStats(math.nan, [math.nan], 2 * self.q, seeds, skipped=True)
             extra["probe_grads"] = grads
         self.set_cores(seed)
-        local = self._measure(seed, lambda: ctx.backend.loss(ctx.batch))
+        local = self._measure(seed, lambda at: ctx.backend.loss(ctx.batch, at))
         losses = ctx.backend.all_reduce_mean(torch.stack(local)).tolist()
         if not all(math.isfinite(v) for v in losses):
-            self._move(seed, -eps, 0.0)
             return StepStats(math.nan, [math.nan], forwards, seeds, skipped=True, extra=extra)
         grad = (losses[0] - losses[1]) / (2 * eps)
         self._update(seed, grad, ctx.lr)
         return StepStats(sum(losses) / 2, [grad], forwards, seeds, extra=extra)
 
     def replay(self, record: dict[str, Any]) -> None:
-        """Re-apply a logged step (in order from step 1); a refresh is refitted from the logged
-        probe gradients. Without masters every measuring move is redone, for bitwise rounding."""
-        seed, probes, eps = record["seeds"][0], record["seeds"][1:], self.cfg.eps
-        if probes and not self._masters:
-            self._probe(probes, lambda: torch.zeros(()))
+        """Re-apply a logged step (in order from step 1, no forward); a refresh is refitted from
+        the logged probe gradients."""
+        seed, probes = record["seeds"][0], record["seeds"][1:]
         if "probe_grads" in record:
             self.fit(probes, record["probe_grads"], lambda t: t.to(torch.float64))
             self.refreshed_at = record["step"] - 1
         elif probes:  # the refresh's losses were not finite: nothing else happened
             return
-        self.set_cores(seed)
-        if not self._masters:
-            self._measure(seed, lambda: torch.zeros(()))
         if record.get("skipped"):
-            if not self._masters:
-                self._move(seed, -eps, 0.0)
             return
+        self.set_cores(seed)
         self._update(seed, record["projected_grad"][0], record["lr"])
 
     def state_dict(self) -> dict[str, Any]:
+        """The replicated state: the step of the last refresh, and ``S, V`` of every weight
+        (the rows of ``U`` are sharded: :meth:`shard_state`)."""
         return {"refreshed_at": self.refreshed_at,
-                "factors": {n: {"U": u.cpu(), "S": s.cpu(), "V": v.cpu()}
-                            for n, (u, s, v) in self.factors.items()}}
+                "factors": {n: {"S": s.cpu(), "V": v.cpu()}
+                            for n, (_, s, v) in self.factors.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.refreshed_at = state["refreshed_at"]
-        devices = {s.name: s.local.device for s in self.shards}
-        self.factors = {n: (f["U"].to(devices[n]), f["S"], f["V"].to(devices[n]))
-                        for n, f in state["factors"].items()}
+        self.factors, self.row0 = {}, {}
+        for name, f in state["factors"].items():
+            shard = self._by_name[name]
+            lo, hi = needed_rows(shard.shape, shard.start, shard.numel)
+            u = torch.zeros(hi - lo, f["S"].numel(), device=shard.local.device)
+            self.factors[name] = (u, f["S"], f["V"].to(shard.local.device))
+            self.row0[name] = lo
+
+    def _u_shard(self, name: str, rows: tuple[int, int]) -> ParamShard:
+        u, lo = self.factors[name][0], self.row0[name]
+        out, r = self._by_name[name].shape[0], u.shape[1]
+        key = U_STATE + name
+        return ParamShard(key, (out, r), rows[0] * r, u[rows[0] - lo : rows[1] - lo].view(-1))
+
+    def shard_state(self) -> dict[str, ParamShard]:
+        """The rows of ``U`` whose first element this rank holds, as flat slices of ``U``."""
+        return {U_STATE + n: self._u_shard(n, owned_rows(self._by_name[n].shape,
+                                                         self._by_name[n].start,
+                                                         self._by_name[n].numel))
+                for n in self.factors}
+
+    def shard_state_targets(self) -> dict[str, ParamShard]:
+        """Where a checkpoint's rows of ``U`` go: all the rows this rank needs."""
+        return {U_STATE + n: self._u_shard(n, (self.row0[n],
+                                               self.row0[n] + self.factors[n][0].shape[0]))
+                for n in self.factors}
+
+    def load_shard_state(self, state: dict[str, torch.Tensor]) -> None:
+        """The tensors were loaded in place into :meth:`shard_state_targets`' views."""
+        missing = [U_STATE + n for n in self.factors if U_STATE + n not in state]
+        if missing:
+            raise KeyError(f"P-GAP shard state has no {missing[0]}")

@@ -17,7 +17,8 @@ The moments ``m`` and ``v`` are fp32 tensors of each ParamShard's LOCAL size, on
 device: they are sharded exactly like the parameters, and cost 2x the trainable parameters in
 memory (8 bytes per trainable element) on top of MeZO's inference-level footprint. ``z`` is
 regenerated block by block (no buffer of model size); one pass per shard regenerates every
-direction once, restores the last perturbation (fused, as in MeZO) and applies Adam.
+direction once and applies Adam, writing the storage dtype by stochastic rounding
+(:func:`pipeline.zo.update.write_back`).
 
 Communication per step: MeZO's, one all-gather of 2 loss scalars per direction (plus L0
 one-sided), averaged in float64 in rank order. The Adam state is never communicated.
@@ -45,11 +46,12 @@ from typing import Any
 
 import torch
 
-from pipeline.zo import perturb
+from pipeline.zo.directions import f32
 from pipeline.zo.methods.base import StepContext, StepStats
 from pipeline.zo.methods.mezo import MeZO
-from pipeline.zo.perturb import f32
+from pipeline.zo.rounding import rounding_seed
 from pipeline.zo.shards import ParamShard
+from pipeline.zo.update import estimate_blocks, write_back
 
 EXP_AVG = "exp_avg::"
 EXP_AVG_SQ = "exp_avg_sq::"
@@ -81,11 +83,11 @@ class ZOAdam(MeZO):
             )
 
     def step(self, ctx: StepContext) -> StepStats:
-        self._check_moments()  # before any forward, so the weights are never left perturbed
+        self._check_moments()  # before any forward: a refused step costs no forward
         return super().step(ctx)
 
     def _apply(self, seeds: list[int], grads: list[float], lr: float) -> None:
-        """Restore the last perturbation, ``ĝ``, Adam: one regeneration of each ``z_i``."""
+        """``ĝ`` and Adam: one regeneration of each ``z_i``."""
         self._check_moments()
         self.t += 1
         b1, b2, n = self.cfg.adam_beta1, self.cfg.adam_beta2, len(seeds)
@@ -95,17 +97,18 @@ class ZOAdam(MeZO):
         eps = f32(self.cfg.adam_eps)
         one_b1, one_b2 = f32(1 - b1), f32(1 - b2)
         b1, b2 = f32(b1), f32(b2)
+        rounding = rounding_seed(seeds[0])
         for shard in self.shards:
-            restore = f32(-self._last_at) if shard.master is None else 0.0
             scale = f32(1 - lr * self.cfg.weight_decay) if shard.decay else 1.0
             m, v = self.exp_avg[shard.name], self.exp_avg_sq[shard.name]
-            for sl, w, grad in perturb.estimate_blocks(shard, seeds, coeffs, restore):
+            for off, w, grad in estimate_blocks(shard, seeds, coeffs):
+                sl = slice(off, off + w.numel())
                 m[sl].mul_(b1).add_(grad * one_b1)
                 v[sl].mul_(b2).add_(grad.mul_(grad).mul_(one_b2))
                 denom = v[sl].sqrt().div_(bc2_sqrt).add_(eps)
                 if scale != 1.0:
                     w.mul_(scale)
-                w.add_(m[sl].div(denom).mul_(-step_size))
+                write_back(shard, off, w.add_(m[sl].div(denom).mul_(-step_size)), rounding)
             if shard.master is not None:
                 shard.local.copy_(shard.master)
 

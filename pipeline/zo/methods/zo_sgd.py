@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
+from pipeline.zo.directions import f32
 from pipeline.zo.methods.mezo import MeZO
-from pipeline.zo.perturb import estimate_blocks, f32
+from pipeline.zo.rounding import rounding_seed
 from pipeline.zo.shards import ParamShard
+from pipeline.zo.update import estimate_blocks, write_back
 
 MOMENTUM = "momentum::"
 
@@ -40,14 +42,14 @@ class _EstimateRule(MeZO, abc.ABC):
     def _apply(self, seeds: list[int], grads: list[float], lr: float) -> None:
         n = len(seeds)
         coeffs = [f32(g / n) for g in grads]
-        step = f32(-lr)
+        step, rounding = f32(-lr), rounding_seed(seeds[0])
         for shard in self.shards:
-            restore = f32(-self._last_at) if shard.master is None else 0.0
             scale = f32(1 - lr * self.cfg.weight_decay) if shard.decay else 1.0
-            for sl, w, grad in estimate_blocks(shard, seeds, coeffs, restore):
+            for off, w, grad in estimate_blocks(shard, seeds, coeffs):
                 if scale != 1.0:
                     w.mul_(scale)
-                w.add_(self._rule(shard, sl, grad).mul_(step))
+                sl = slice(off, off + w.numel())
+                write_back(shard, off, w.add_(self._rule(shard, sl, grad).mul_(step)), rounding)
             if shard.master is not None:
                 shard.local.copy_(shard.master)
 
@@ -78,7 +80,7 @@ class ZOSGDMomentum(_EstimateRule):
             )
 
     def step(self, ctx):
-        self._check()  # before any forward, so the weights are never left perturbed
+        self._check()  # before any forward: a refused step costs no forward
         return super().step(ctx)
 
     def _apply(self, seeds: list[int], grads: list[float], lr: float) -> None:

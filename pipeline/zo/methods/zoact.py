@@ -74,9 +74,9 @@ import torch
 
 from pipeline.models.adapters import CoefficientAdapter
 from pipeline.zo.activations import RowCapture, linear_modules, per_rank_cap, subspace_bases
+from pipeline.zo.directions import f32
 from pipeline.zo.methods.base import StepContext, StepStats
 from pipeline.zo.noise import gaussian
-from pipeline.zo.perturb import f32
 from pipeline.zo.seeds import name_key, step_seed
 from pipeline.zo.shards import ParamShard
 
