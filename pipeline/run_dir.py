@@ -23,7 +23,7 @@ HARMLESS = (
     "train.final_split", "train.eval_zero_shot", "train.eval_batch_size", "train.threads",
     "train.max_nonfinite_steps", "model.device", "checkpoint.", "tracking.",
 )
-RUN_FILES = ("metrics.jsonl", "update_log.jsonl")
+RUN_FILES = ("metrics.jsonl", "update_log.jsonl", "examples.jsonl")
 
 
 class RunDirError(ValueError):

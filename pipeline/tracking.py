@@ -37,10 +37,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.paired import RECORD_KEYS
+
 RUN_ID_FILE = "mlflow_run_id"
-ARTIFACT_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "update_log.jsonl")
+ARTIFACT_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "update_log.jsonl",
+                  "examples.jsonl")
 CURVES_PNG = "curves.png"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+
 
 # Bounded retries/timeouts for http(s) tracking servers: an unreachable server must cost seconds,
 # not MLflow's default of 7 retries with exponential backoff and 120 s timeouts. Values a user set
@@ -381,7 +385,9 @@ class Tracker:
             self._disable(exc)
 
     def log_eval(self, record: Mapping[str, Any]) -> None:
-        """``<split>_accuracy`` and ``<split>_accuracy_stderr`` at ``record["step"]``.
+        """``<split>_accuracy``, ``<split>_loss`` (each with ``_stderr``) and, when the record has
+        them, the paired changes from zero-shot (``<split>_delta_loss``, ``..._se``,
+        ``<split>_delta_accuracy``, ``..._se``, ``<split>_mcnemar_p``) at ``record["step"]``.
 
         An evaluation already logged at this step or later (zero-shot at step 0 included) is
         dropped.
@@ -397,15 +403,20 @@ class Tracker:
                     self._eval_last[key] = max(m.step for m in history)
             if key in self._eval_last and step <= self._eval_last[key]:
                 return
-            self._log_metrics(
-                {key: record.get("accuracy"), f"{key}_stderr": record.get("stderr")}, step
-            )
+            split = record["split"]
+            values = {key: record.get("accuracy"), f"{key}_stderr": record.get("stderr"),
+                      f"{split}_loss": record.get("eval_loss"),
+                      f"{split}_loss_stderr": record.get("eval_loss_stderr")}
+            values.update({f"{split}_{k}": record[k] for k in RECORD_KEYS if k in record})
+            self._log_metrics(values, step)
             self._eval_last[key] = step
         except Exception as exc:
             self._disable(exc)
 
     def log_summary(self, summary: Mapping[str, Any]) -> None:
-        """Final metrics of ``summary.json``: zero-shot/final accuracy, wall time, throughput."""
+        """Final metrics of ``summary.json``: zero-shot/final accuracy and loss, the paired change
+        (``final_delta_loss``, ``final_delta_loss_se``, ``final_loss_z``, ``final_delta_accuracy``,
+        ``final_delta_accuracy_se``, ``final_mcnemar_p``), wall time, throughput."""
         if self._client is None:
             return
         try:
@@ -413,13 +424,19 @@ class Tracker:
             final_step = int(steps) if isinstance(steps, int) else (self._last_step or 0)
             zero_shot = summary.get("zero_shot") or {}
             final = summary.get("final") or {}
+            change = summary.get("paired") or {}
             if zero_shot:
                 self._log_metrics({
                     "zero_shot_accuracy": zero_shot.get("accuracy"),
                     "zero_shot_accuracy_stderr": zero_shot.get("stderr"),
+                    "zero_shot_loss": zero_shot.get("eval_loss"),
+                    "zero_shot_loss_stderr": zero_shot.get("eval_loss_stderr"),
                 }, 0)
             forwards = summary.get("forwards")
             self._log_metrics({
+                **{f"final_{k}": change.get(k) for k in (*RECORD_KEYS, "loss_z")},
+                "final_loss": final.get("eval_loss"),
+                "final_loss_stderr": final.get("eval_loss_stderr"),
                 "final_accuracy": final.get("accuracy"),
                 "final_accuracy_stderr": final.get("stderr"),
                 "wall_seconds": summary.get("wall_seconds"),

@@ -16,8 +16,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline import checkpoint
-from pipeline.evaluation import Accuracy, evaluate
+from pipeline.evaluation import Evaluation, evaluate
 from pipeline.metrics import MetricsLog, write_json
+from pipeline.paired import RECORD_KEYS, Paired, describe
 from pipeline.stopping import STOPPED_FILE
 from pipeline.zo.methods import StepContext
 
@@ -43,6 +44,8 @@ class TrainerState:
     nonfinite_streak: int = 0
     train_seconds: float = 0.0
     zero_shot: dict | None = None
+    # split -> per-example zero-shot values (Evaluation.examples()), to pair later evaluations
+    zero_shot_examples: dict | None = None
 
 
 class Trainer:
@@ -60,6 +63,7 @@ class Trainer:
         self.progress = progress and self.writer
         self.metrics = MetricsLog(run_dir / "metrics.jsonl") if self.writer else None
         self.updates = MetricsLog(run_dir / "update_log.jsonl") if self.writer else None
+        self.examples = MetricsLog(run_dir / "examples.jsonl") if self.writer else None
 
     def _write(self, log: MetricsLog | None, record: dict) -> None:
         if log is not None:
@@ -76,13 +80,40 @@ class Trainer:
             return wanted
         return self.backend.all_reduce_mean(torch.tensor([float(wanted)])).item() > 0
 
-    def _evaluate(self, step: int, split: str) -> Accuracy:
+    def _zero_shot(self, split: str) -> Evaluation | None:
+        saved = (self.state.zero_shot_examples or {}).get(split)
+        return Evaluation.from_examples(saved) if saved else None
+
+    def _evaluate(self, step: int, split: str) -> tuple[Evaluation, Paired | None]:
+        """Evaluate ``split``, log it with its paired change from the zero-shot evaluation of the
+        same split (when there is one), and keep its per-example values in examples.jsonl."""
         t = self.cfg.train
-        acc = evaluate(self.backend, self.data, split, t.eval_batch_size, progress=self.progress)
-        record = {"step": step, **acc.as_dict()}
+        ev = evaluate(self.backend, self.data, split, t.eval_batch_size, progress=self.progress)
+        base = self._zero_shot(split) if step > 0 else None
+        change = ev.against(base) if base is not None else None
+        record = {"step": step, **ev.as_dict()}
+        if change is not None:
+            record.update({k: getattr(change, k) for k in RECORD_KEYS})
         self._write(self.metrics, record)
+        self._write(self.examples, {"step": step, **ev.examples()})
         self.tracker.log_eval(record)
-        return acc
+        return ev, change
+
+    def _evaluate_zero_shot(self, splits: list[str]) -> None:
+        s = self.state
+        s.zero_shot_examples = {}
+        for split in dict.fromkeys(splits):
+            ev, _ = self._evaluate(0, split)
+            s.zero_shot_examples[split] = ev.examples()
+            if split == self.cfg.train.final_split:
+                s.zero_shot = ev.as_dict()
+            self._say(f"zero-shot {ev}")
+
+    def _report(self, step: int, ev: Evaluation, change: Paired | None) -> None:
+        self._say(f"step {step}: {ev}")
+        if change is not None:
+            for line in describe(change, "  vs zero-shot:"):
+                self._say(line)
 
     def _checkpoint(self) -> None:
         c = self.cfg.checkpoint
@@ -127,11 +158,11 @@ class Trainer:
     def train(self) -> dict:
         t, s = self.cfg.train, self.state
         started = time.perf_counter()
+        curve = [t.eval_split] if t.eval_every else []
         if s.step == 0 and t.eval_zero_shot and s.zero_shot is None:
-            acc = self._evaluate(0, t.final_split)
-            s.zero_shot = acc.as_dict()
-            self._say(f"zero-shot accuracy: {acc}")
+            self._evaluate_zero_shot([t.final_split, *curve])
 
+        last_curve = None
         bar = tqdm(total=t.steps, initial=min(s.step, t.steps), desc="train", unit="step",
                    disable=not self.progress)
         try:
@@ -153,14 +184,16 @@ class Trainer:
                 if every and s.step % every == 0 and s.step < t.steps:
                     self._checkpoint()
                 if t.eval_every and s.step % t.eval_every == 0 and s.step < t.steps:
-                    acc = self._evaluate(s.step, t.eval_split)
-                    self._say(f"step {s.step}: {acc}")
+                    self._report(s.step, *self._evaluate(s.step, t.eval_split))
+                    last_curve = s.step
         finally:
             bar.close()
         if not (checkpoint.checkpoint_root(self.run_dir) / f"step-{s.step}").exists():
             self._checkpoint()
 
-        final = self._evaluate(s.step, t.final_split)
+        if curve and t.eval_split != t.final_split and last_curve != s.step:
+            self._report(s.step, *self._evaluate(s.step, t.eval_split))  # the curve's last point
+        final, change = self._evaluate(s.step, t.final_split)
         summary = {
             "method": self.cfg.method.name,
             "model": self.cfg.model.name_or_path,
@@ -170,6 +203,7 @@ class Trainer:
             "skipped_steps": s.skipped,
             "zero_shot": s.zero_shot,
             "final": final.as_dict(),
+            "paired": change.as_dict() if change is not None else None,
             "train_seconds": s.train_seconds,
             "steps_per_second": s.step / s.train_seconds if s.train_seconds > 0 else None,
             "wall_seconds": time.perf_counter() - started,
@@ -181,6 +215,6 @@ class Trainer:
         return summary
 
     def close(self) -> None:
-        for log in (self.metrics, self.updates):
+        for log in (self.metrics, self.updates, self.examples):
             if log is not None:
                 log.close()

@@ -51,6 +51,7 @@ def test_train_then_eval_on_the_real_model(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "zero-shot accuracy:" in result.output and "final accuracy:" in result.output
+    assert "held-out test loss" in result.output and "(paired, n=24" in result.output
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["forwards"] == 4

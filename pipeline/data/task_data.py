@@ -36,23 +36,24 @@ class TaskData:
         return self._batch([train[i] for i in indices], scoring=False)
 
     def eval_batches(self, split: str, batch_size: int, rank: int = 0,
-                     world: int = 1) -> Iterator[tuple[object, int]]:
-        """``(batch, n_counted)`` of this rank over a split, for candidate scoring.
+                     world: int = 1) -> Iterator[tuple[object, list[int]]]:
+        """``(batch, indices)`` of this rank over a split, for candidate scoring.
 
-        Examples go by prompt length so that batches carry little padding; accuracy does not
-        depend on the order. Batches are dealt round-robin to the ranks; every rank runs the same
-        number of forwards (sharded forwards are collectives), a rank with nothing left scoring a
-        repeat with ``n_counted = 0``.
+        ``indices`` are the positions in the split of the batch's examples, so per-example
+        results can be put back in split order (and paired across evaluations). Examples go by
+        prompt length so that batches carry little padding. Batches are dealt round-robin to the
+        ranks; every rank runs the same number of forwards (sharded forwards are collectives), a
+        rank with nothing left scoring a repeat with no indices.
         """
-        items = sorted(self.splits[split], key=lambda e: len(e.prompt))
-        chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        items = self.splits[split]
+        order = sorted(range(len(items)), key=lambda i: len(items[i].prompt))
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         rounds = -(-len(chunks) // world)
         for r in range(rounds):
             index = r * world + rank
-            if index < len(chunks):
-                yield self._batch(chunks[index], scoring=True), len(chunks[index])
-            else:
-                yield self._batch(chunks[0], scoring=True), 0
+            chunk = chunks[index] if index < len(chunks) else []
+            rows = chunk or chunks[0]
+            yield self._batch([items[i] for i in rows], scoring=True), chunk
 
 
 def prepare(data_cfg, tokenizer) -> TaskData:

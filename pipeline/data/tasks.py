@@ -6,8 +6,9 @@ the cross-entropy over the candidates' logits (MeZO's classification mode); the 
 teacher forcing on the correct candidate. Evaluation picks the candidate with the highest average
 per-token log-likelihood.
 
-Templates follow the MeZO-protocol table in ``shared/papers/METHODS.md``. ``rotten_tomatoes`` is
-the offline task built from a packaged corpus; the others load from the Hugging Face hub (where a
+Templates follow the MeZO-protocol table in ``shared/papers/METHODS.md``. ``rotten_tomatoes``
+and ``multiemo`` (four-way sentiment of review sentences, from BIG-bench) are the offline tasks
+built from packaged data; the others load from the Hugging Face hub (where a
 user has access) or from local files (``data.data_dir``).
 """
 
@@ -34,6 +35,8 @@ class Task:
     candidates: Callable[[Row], tuple[str, ...]]
     label: Callable[[Row], int]
     hub: tuple[str, str | None] | None = None  # (path, config) for datasets.load_dataset
+    # (packaged BIG-bench task, its answers in label order), see pipeline.data.bigbench
+    bigbench: tuple[str, tuple[str, ...]] | None = None
 
     def example(self, row: Row) -> Example:
         return Example(self.prompt(row), self.candidates(row), self.label(row))
@@ -64,6 +67,15 @@ TASKS: dict[str, Task] = {
             lambda r: f"Review: {r['text']}\nSentiment:",
             _fixed(" negative", " positive"),
             _label,
+        ),
+        Task(
+            # BIG-bench multiemo/all_sentence_en; "ambivalent" is two tokens, "mixed" one
+            "multiemo",
+            lambda r: f"Review: {r['text']}\nSentiment:",
+            _fixed(" negative", " positive", " neutral", " mixed"),
+            _label,
+            bigbench=("multiemo_all_sentence_en",
+                      ("negative", "positive", "neutral", "ambivalent")),
         ),
         Task(
             "sst2",

@@ -39,6 +39,18 @@ def batch_loss(model, batch: ChoiceBatch | SequenceBatch) -> torch.Tensor:
     return -_candidate_logprobs(model, batch).mean()
 
 
+def example_losses(scores: torch.Tensor, labels: torch.Tensor, choice: bool) -> torch.Tensor:
+    """(B,) each example's training loss, from its :func:`candidate_scores`.
+
+    Classification mode (``choice``): the cross-entropy over the candidates' logits,
+    ``-log softmax(scores)[label]`` (log-softmax is shift-invariant, so the full-vocabulary
+    normalisation in the scores cancels). Otherwise: the correct candidate's mean per-token
+    negative log-likelihood, ``-scores[label]``. The mean over a batch is :func:`batch_loss`.
+    """
+    picked = F.log_softmax(scores, dim=1) if choice else scores
+    return -picked.gather(1, labels.unsqueeze(1)).squeeze(1)
+
+
 def candidate_scores(model, batch: ChoiceBatch | SequenceBatch) -> torch.Tensor:
     """(B, C) average per-token log-likelihood of every candidate (-inf where none)."""
     if isinstance(batch, ChoiceBatch):
