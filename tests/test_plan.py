@@ -18,7 +18,8 @@ from pipeline.models.meta import hf_config, meta_model, planning_config_dir
 from pipeline.plan import format_plan, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = sorted((ROOT / "jobs").rglob("*.yaml"))
+# jobs/learning/ holds bench/learning.py specs (recipes plus overrides), not job configs
+JOBS = sorted(p for p in (ROOT / "jobs").rglob("*.yaml") if p.parent.name != "learning")
 RECIPES = ROOT / "jobs" / "recipes"
 # Sizes as published (model cards / papers): OPT 13B and 30B, Llama 3 8B, Qwen3 8.2B and 32.8B.
 PUBLISHED = {"opt-13b": 13.0e9, "opt-30b": 30.0e9, "llama-3-8b": 8.0e9, "qwen3-8b": 8.2e9,
@@ -211,3 +212,19 @@ def test_plan_counts_the_load_peak_per_rank():
     assert single.load["single"]["host"] == single.memory["single"]["weights"]
     out = CliRunner().invoke(main, ["plan", str(RECIPES / "opt-13b-bszo-bf16-fsdp.yaml")]).output
     assert "while loading, peak (not in total)" in out and "  host" in out
+
+
+@pytest.mark.parametrize("spec", sorted((ROOT / "jobs" / "learning").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_learning_spec_expands_to_valid_configs(spec):
+    import importlib.util
+
+    loader = importlib.util.spec_from_file_location("learning_bench", ROOT / "bench" / "learning.py")
+    bench = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(bench)
+    expanded = bench.load_spec(spec)
+    shared = [f"{k}={bench._value(v)}" for k, v in (expanded.get("overrides") or {}).items()]
+    assert len(expanded["runs"]) >= 2
+    for _name, _group, recipe, overrides in expanded["runs"]:
+        cfg = load_config(ROOT / recipe, [*shared, *overrides])
+        assert cfg.method.name == "mezo"
