@@ -219,7 +219,8 @@ def test_plan_counts_the_load_peak_per_rank():
 def test_every_learning_spec_expands_to_valid_configs(spec):
     import importlib.util
 
-    loader = importlib.util.spec_from_file_location("learning_bench", ROOT / "bench" / "learning.py")
+    path = ROOT / "bench" / "learning.py"
+    loader = importlib.util.spec_from_file_location("learning_bench", path)
     bench = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(bench)
     expanded = bench.load_spec(spec)

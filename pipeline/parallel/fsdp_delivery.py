@@ -50,13 +50,16 @@ class PerturbingAllGather(DefaultAllGather):
     """FSDP2's default all-gather, with this rank's trainable segments perturbed first."""
 
     def __init__(self, delivery: Delivery, segments: list[tuple[int, int, ParamShard | None]],
-                 numel: int):
+                 numel: int, refused: str | None = None):
         self.delivery = delivery
+        self.refused = refused  # why this unit cannot be perturbed in its all-gather input
         self.segments = segments  # (offset in the input, padded size, shard or None)
         self.numel = numel
 
     def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
         if self.delivery.active is not None:
+            if self.refused:
+                raise ValueError(self.refused)
             if input_tensor.numel() != self.numel:
                 raise RuntimeError(
                     f"FSDP2's all-gather input has {input_tensor.numel()} elements, the layout "
@@ -93,12 +96,14 @@ class FSDPDelivery(Delivery):
                     segments.append((offset, size, shard))
                     offset += size
                 dtypes = {fp.sharded_param.dtype for fp, _ in fsdp_params}
-                if len(dtypes) > 1:
-                    raise ValueError(
-                        f"an FSDP unit mixes parameter dtypes {sorted(map(str, dtypes))}: its "
-                        "all-gather input is then raw bytes; load the model in one dtype"
-                    )
-                module.set_custom_all_gather(PerturbingAllGather(self, segments, offset))
+                # a unit mixing dtypes (a bf16 base with fp32 LoRA adapters) all-gathers raw
+                # bytes: it loads and evaluates, but a perturbed forward through it is refused
+                refused = None if len(dtypes) == 1 else (
+                    f"an FSDP unit mixes parameter dtypes {sorted(map(str, dtypes))}: its "
+                    "all-gather input is then raw bytes; load the model in one dtype "
+                    "(model.dtype=fp32 with method.tuning=lora)")
+                module.set_custom_all_gather(PerturbingAllGather(self, segments, offset,
+                                                                    refused))
 
     def _into_unsharded(self, fsdp_params) -> None:
         if self.active is None:
