@@ -41,8 +41,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.models.meta import hf_config, meta_model
-from pipeline.parallel.comm_count import OUTPUT_FIRST, tensors_in
 from pipeline.parallel import trainable_names, wants_master
+from pipeline.parallel.comm_count import OUTPUT_FIRST, tensors_in
 from pipeline.plan import DTYPE_BYTES
 from pipeline.zo import noise
 from pipeline.zo.methods import StepContext, build_method
