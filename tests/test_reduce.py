@@ -16,7 +16,8 @@ SIZES = [1, GATHERED, GATHERED + 1, 1000, 4099]
 
 
 def _vector(rank: int, n: int) -> torch.Tensor:
-    return torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(rank * 7 + n))
+    gen = torch.Generator().manual_seed(rank * 7 + n)
+    return torch.randn(n, dtype=torch.float64, generator=gen)
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
