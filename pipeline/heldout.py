@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.evaluation import Evaluation
 from pipeline.metrics import read_jsonl
+from pipeline.plots import save_figure
 
 
 @dataclass
@@ -84,9 +85,4 @@ def plot_heldout(curves: dict[str, Curve], out_png: str | Path, split: str) -> P
     for ax in (loss_ax, acc_ax):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="x-small")
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(out_png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(out_png)
-    return out_png
+    return save_figure(fig, out_png)

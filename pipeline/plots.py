@@ -118,7 +118,8 @@ def _figure():
     return fig, loss_ax, acc_ax
 
 
-def _save(fig, out_png: str | Path) -> Path:
+def save_figure(fig, out_png: str | Path) -> Path:
+    """Write ``fig`` as a PNG atomically (a temporary file, then a rename)."""
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(out_png.name + ".tmp.png")
@@ -160,7 +161,7 @@ def plot_run_curves(metrics_records: Iterable[Mapping[str, Any]], out_png: str |
             ax.legend(fontsize="small")
         else:
             _no_data(ax)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def plot_comparison(
@@ -181,4 +182,4 @@ def plot_comparison(
             ax.legend(fontsize="x-small")
         else:
             _no_data(ax)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
