@@ -356,7 +356,7 @@ def build(raw: dict[str, Any]) -> JobConfig:
             values[key] = value
         built[name] = cls(**values)
     if not errors:
-        from pipeline.models.tuning import combination_errors
+        from pipeline.combinations import combination_errors
 
         errors += combination_errors(JobConfig(**built))
     if errors:
