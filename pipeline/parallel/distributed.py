@@ -85,8 +85,10 @@ class DistributedBackend:
     def barrier(self) -> None:
         dist.barrier()
 
-    def close(self) -> None:
-        if dist.is_initialized():
+    def close(self, leave_group: bool = True) -> None:
+        """Leave the process group (``leave_group=False`` keeps it for a next backend in this
+        process: re-creating a gloo group under one torchrun store can fail to connect)."""
+        if leave_group and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 

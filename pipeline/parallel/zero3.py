@@ -365,7 +365,7 @@ class Zero3Backend(DistributedBackend):
     def scores(self, batch) -> torch.Tensor:
         return self._forward(candidate_scores, batch)
 
-    def close(self) -> None:
+    def close(self, leave_group: bool = True) -> None:
         """Free the model while the interpreter is intact, then leave the process group.
 
         Every ZeRO parameter holds the process group (``p.ds_process_group``), and DeepSpeed keeps
@@ -392,4 +392,4 @@ class Zero3Backend(DistributedBackend):
             self._shards = []
             del engine
             gc.collect()
-        super().close()
+        super().close(leave_group)

@@ -163,7 +163,9 @@ def main() -> None:
         for dtype in ["fp32", "bf16"]:
             results[f"{dtype}-full"], built = _zero3_case(model_dir, dtype)
             rank = built.rank
-            built.close()  # the next case builds in a new process group
+            # one process group for both cases: re-creating it under torchrun's store could
+            # hang or fail to connect
+            built.close(leave_group=dtype == "bf16")
     Path(out).mkdir(parents=True, exist_ok=True)
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
