@@ -25,6 +25,8 @@ from pipeline.zo.methods.pgap import (
     step_sign,
 )
 from pipeline.zo.noise import gaussian
+from pipeline.zo.noise_cache import NoiseCache
+from pipeline.zo.perturbation import Perturbation
 from pipeline.zo.range_finder import sharded_svd
 from pipeline.zo.seeds import name_key
 
@@ -373,3 +375,30 @@ def test_u_rows_are_sharded_like_the_weight(world):
         owned.append(owned_rows((out, inner), start, numel))
     assert owned[0][0] == 0 and owned[-1][1] == out
     assert all(a[1] == b[0] for a, b in zip(owned, owned[1:]))
+
+
+@pytest.mark.parametrize("kind, cached", [("gaussian", True), ("rademacher", False),
+                                          ("rademacher", True)])
+def test_estimate_and_vector_directions_use_the_probes_noise(tiny_model, kind, cached):
+    """Ĝ (R2) and the vector parameters' directions (P2) are built from the very ``z`` the probe
+    forwards moved the weights by: the shard's noise kind, from its cache when it has one."""
+    names = ["model.layers.0.mlp.down_proj.weight", "model.norm.weight"]
+    backend, pgap = _setup(tiny_model, names, pgap_q=2, eps=1e-3)
+    cache = NoiseCache(2) if cached else None
+    for shard in backend.shards():
+        shard.noise, shard.cache = kind, cache
+    seeds, grads = [11, 12], [0.5, -0.25]
+
+    def probe(shard, seed):  # what a probe forward at θ + 1·z sees, minus θ
+        out = torch.empty(shard.numel)
+        Perturbation.dense(seed, 1.0).write(shard, out)
+        return out.double() - shard.local.double()
+
+    matrix, vector = backend.shards()
+    expect = sum(c / 2 * probe(matrix, s) for s, c in zip(seeds, grads))
+    torch.testing.assert_close(pgap.estimate(matrix, seeds, grads).double(), expect,
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(_dense(pgap, vector, seeds[0]), probe(vector, seeds[0]),
+                               rtol=0, atol=1e-5)
+    if kind == "rademacher":  # ±1: not the default Gaussian
+        assert set(_dense(pgap, vector, seeds[0]).abs().tolist()) == {1.0}

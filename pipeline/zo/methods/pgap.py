@@ -69,10 +69,10 @@ from typing import Any
 
 import torch
 
-from pipeline.zo.directions import Term, f32
+from pipeline.zo.directions import Term, f32, z_blocks
 from pipeline.zo.methods.base import StepContext, StepStats
 from pipeline.zo.methods.lozo import is_matrix
-from pipeline.zo.noise import BLOCK, gaussian, iter_blocks
+from pipeline.zo.noise import BLOCK, gaussian
 from pipeline.zo.perturbation import Perturbation
 from pipeline.zo.range_finder import sharded_svd
 from pipeline.zo.rounding import rounding_seed
@@ -175,7 +175,7 @@ class PGAP:
         g = torch.zeros(shard.numel, dtype=torch.float32, device=shard.local.device)
         for seed, c in zip(seeds, grads):
             alpha = f32(c / len(seeds))
-            for off, z in iter_blocks(seed, shard.key, shard.start, shard.numel, shard.total):
+            for off, z in z_blocks(seed, shard):
                 g[off : off + z.numel()].add_(z.to(g.device).mul_(alpha))
         return g
 
@@ -238,8 +238,7 @@ class PGAP:
             yield from row_pieces(self._left[shard.name], self.factors[shard.name][2], start,
                                   numel, self.row0[shard.name], shard.shape[0])
         else:
-            for off, z in iter_blocks(seed, shard.key, start, numel, shard.total):
-                yield off, z.to(shard.local.device)
+            yield from z_blocks(seed, shard, offset, numel)
 
     def _pieces(self, seed: int):
         return lambda shard, offset, numel: self.direction(shard, seed, offset, numel)
