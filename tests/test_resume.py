@@ -4,7 +4,9 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -134,6 +136,8 @@ def test_replay_and_export_equal_the_run(reference, tmp_path):
         model = AutoModelForCausalLM.from_pretrained(tmp_path / name)
         params = dict(model.named_parameters())
         assert all(torch.equal(params[k].reshape(-1), ref[k]) for k in ref), name
+    for f in (tmp_path / "exported").iterdir():  # safetensors alone would write 0600
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~_umask(), f
     log = (reference / "update_log.jsonl").stat().st_size
     assert log / STEPS < 500  # bytes per step: the whole trajectory in kilobytes
 
@@ -209,3 +213,81 @@ def test_zo_adam_moments_survive_a_resume(tiny_job, tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     saved = load_file(str(checkpoint.latest(tmp_path / "b")[1] / "shards-rank0.safetensors"))
     assert any(k.startswith("exp_avg_sq::") for k in saved)
+
+
+def _copy_run(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    return run_dir
+
+
+def _files(run_dir):
+    return {name: (run_dir / name).read_bytes() for name in
+            ("config.yaml", "metrics.jsonl", "update_log.jsonl")}
+
+
+@pytest.mark.parametrize("damage", ["truncate_shards", "text_method"])
+def test_a_corrupt_checkpoint_is_found_before_loading_and_resume_falls_back(
+        reference, tmp_path, damage):
+    run_dir = _copy_run(reference, tmp_path)
+    last = run_dir / "checkpoints" / f"step-{STEPS}"
+    if damage == "truncate_shards":
+        shard = last / "shards-rank0.safetensors"
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:
+        (last / "method.pt").write_text("not a checkpoint\n")
+    code, out = finish(zopipe("resume", str(run_dir), "--no-progress"))
+    assert code == 0, out
+    assert f"checkpoint {last} is corrupt" in out and "resuming from step-9" in out
+    assert "Traceback" not in out
+    assert losses(run_dir) == losses(reference)  # steps 10-12 recomputed, bitwise
+    weights, ref = final_weights(run_dir), final_weights(reference)
+    assert all(torch.equal(weights[k], ref[k]) for k in ref)
+    kept = run_dir / "checkpoints" / f"corrupt-step-{STEPS}"  # set aside, not deleted
+    assert kept.is_dir() and (kept / "method.pt").exists()
+
+
+def test_when_no_checkpoint_verifies_resume_stops_in_one_line_and_touches_nothing(
+        reference, tmp_path):
+    run_dir = _copy_run(reference, tmp_path)
+    for _, path in checkpoint.complete_checkpoints(run_dir):
+        data = (path / "trainer.json").read_bytes()
+        (path / "trainer.json").write_bytes(data[::-1])  # same size, other bytes
+    before = _files(run_dir)
+    code, out = finish(zopipe("resume", str(run_dir), "--no-progress"))
+    assert code == 1 and "Traceback" not in out
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "no checkpoint of" in errors[0] and "verifies" in errors[0]
+    assert "trainer.json differs from what was saved" in out
+    assert _files(run_dir) == before
+
+
+def test_a_pre_manifest_marker_is_checked_for_files_and_a_bad_file_is_one_line(reference,
+                                                                              tmp_path):
+    run_dir = _copy_run(reference, tmp_path)
+    last = run_dir / "checkpoints" / f"step-{STEPS}"
+    assert checkpoint.verify(last) == []
+    (last / checkpoint.COMPLETE).write_text(f"{STEPS}\n")  # the marker before manifests
+    assert checkpoint.verify(last) == []
+    (last / "method.pt").write_text("not a checkpoint\n")  # found only when loading
+    (run_dir / "summary.json").unlink()  # else the finished run loads nothing
+    code, out = finish(zopipe("resume", str(run_dir), "--no-progress"))
+    assert code == 1 and "Traceback" not in out and "weights_only" not in out
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "method.pt cannot be read" in errors[0]
+    (last / "config.yaml").unlink()
+    assert checkpoint.verify(last) == ["config.yaml is missing"]
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_checkpoint_files_follow_the_umask(reference):
+    """safetensors creates 0600 files; a group-shared run directory needs the umask's mode."""
+    want = 0o666 & ~_umask()  # the reference run inherited this process's umask
+    ckpt = checkpoint.latest(reference)[1]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in ckpt.iterdir()}
+    assert modes == dict.fromkeys(modes, want)

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipeline.file_modes import follow_umask
 from pipeline.zo.shards import ParamShard
 
 MASTER = "master::"
@@ -30,6 +31,7 @@ def save_shards(shards: list[ParamShard], path: Path) -> None:
             tensors[MASTER + s.name] = s.master.detach().contiguous().cpu()
         layout[s.name] = {"shape": list(s.shape), "start": s.start}
     save_file(tensors, str(path), metadata={"layout": json.dumps(layout)})
+    follow_umask(path)  # safetensors writes 0600
 
 
 def load_shards(shards: list[ParamShard], files: list[Path]) -> None:
