@@ -15,6 +15,7 @@ from pipeline.data.task_data import prepare
 from pipeline.models.loading import load_tokenizer
 from pipeline.parallel import build_backend
 from pipeline.run_dir import inspect_run, prepare_run
+from pipeline.run_lock import run_lock
 from pipeline.stopping import StopRequest
 from pipeline.tracking import Tracker
 from pipeline.trainer import Stopped, Trainer, TrainerState
@@ -56,6 +57,11 @@ def run(cfg: JobConfig, run_dir: Path, *, progress: bool = True) -> dict:
 
     Raises :class:`Stopped` when a stop request was honoured (the run is resumable).
     """
+    with run_lock(run_dir):  # one process per run directory, released when it dies
+        return _run(cfg, run_dir, progress)
+
+
+def _run(cfg: JobConfig, run_dir: Path, progress: bool) -> dict:
     ckpt, changes = inspect_run(run_dir, cfg)
     done = _finished(run_dir, cfg, ckpt)
     if done is not None:

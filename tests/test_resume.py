@@ -291,3 +291,20 @@ def test_checkpoint_files_follow_the_umask(reference):
     ckpt = checkpoint.latest(reference)[1]
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in ckpt.iterdir()}
     assert modes == dict.fromkeys(modes, want)
+
+
+def test_a_second_process_on_a_run_directory_is_refused_and_a_killed_one_leaves_no_lock(
+        tiny_job, tmp_path):
+    run_dir = tmp_path / "run"
+    first = zopipe(*train_args(run_dir, tiny_job, "train.steps=100000"))
+    assert wait_for_step(run_dir, 4, first)
+    code, out = finish(zopipe(*train_args(run_dir, tiny_job)))
+    assert code == 1 and "Traceback" not in out
+    assert f"{run_dir} is in use by pid {first.pid}" in out
+    assert first.poll() is None  # the first run goes on
+    first.send_signal(signal.SIGKILL)  # its lock dies with it
+    first.wait()
+    code, out = finish(zopipe("resume", str(run_dir), f"train.steps={STEPS}", "--no-progress"))
+    assert code == 0, out
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, len(steps) + 1))  # one run's records, not two interleaved
