@@ -417,7 +417,7 @@ def slurm_status(run_dir):
     """SLURM state, step reached and MLflow run of RUN_DIR (each task of a sweep)."""
     from pipeline.slurm import status
 
-    click.echo(status(run_dir))
+    click.echo(_guarded(status, run_dir))
 
 
 if __name__ == "__main__":

@@ -293,6 +293,12 @@ def status(run_dir: Path) -> str:
     """SLURM state, step reached and MLflow run of a run (or each task of a sweep)."""
     run_dir = Path(run_dir).resolve()
     job_file = run_dir / JOB_ID_FILE
+    if not (job_file.exists() or (run_dir / "config.yaml").exists()
+            or any(run_dir.glob("task-*/config.yaml"))):
+        from pipeline.run_dir import RunDirError
+
+        raise RunDirError(f"{run_dir} is not a run directory (no {JOB_ID_FILE}, config.yaml or "
+                          "task-*/): pass the run directory that zopipe slurm submit printed")
     job_id = job_file.read_text().strip() if job_file.exists() else None
     lines = [f"run directory: {run_dir}",
              f"slurm job {job_id}: {_slurm_state(job_id)}" if job_id else "slurm job: unknown"]

@@ -91,3 +91,13 @@ def test_forward_budget_stops_before_the_step_that_would_start_past_it(tiny_job,
     assert summary["steps"] == 3 and summary["forwards"] == 9
     steps = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     assert [r["forwards_total"] for r in steps] == [3, 6, 9]
+
+
+def test_slurm_status_of_a_directory_that_is_not_a_run_is_one_line_and_non_zero(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run\n")
+    result = CliRunner().invoke(main, ["slurm", "status", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [
+        f"Error: {tmp_path.resolve()} is not a run directory (no slurm_job_id, config.yaml or "
+        "task-*/): pass the run directory that zopipe slurm submit printed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing created
