@@ -43,6 +43,8 @@ class TrainerState:
     skipped: int = 0
     nonfinite_streak: int = 0
     train_seconds: float = 0.0
+    # wall time of earlier sessions of this run, up to their last checkpoint (cumulative)
+    wall_seconds: float = 0.0
     zero_shot: dict | None = None
     # split -> per-example zero-shot values (Evaluation.examples()), to pair later evaluations
     zero_shot_examples: dict | None = None
@@ -115,8 +117,13 @@ class Trainer:
             for line in describe(change, "  vs zero-shot:"):
                 self._say(line)
 
+    def _wall(self) -> float:
+        """Wall seconds of the whole run so far: earlier sessions plus this one."""
+        return self._wall_before + time.perf_counter() - self._started
+
     def _checkpoint(self) -> None:
         c = self.cfg.checkpoint
+        self.state.wall_seconds = self._wall()
         checkpoint.save(self.run_dir, self.state.step, self.backend, self.method,
                         asdict(self.state), self.cfg.to_yaml(), keep_last=c.keep_last)
 
@@ -157,7 +164,7 @@ class Trainer:
 
     def train(self) -> dict:
         t, s = self.cfg.train, self.state
-        started = time.perf_counter()
+        self._started, self._wall_before = time.perf_counter(), s.wall_seconds
         curve = [t.eval_split] if t.eval_every else []
         if s.step == 0 and t.eval_zero_shot and s.zero_shot is None:
             self._evaluate_zero_shot([t.final_split, *curve])
@@ -206,7 +213,7 @@ class Trainer:
             "paired": change.as_dict() if change is not None else None,
             "train_seconds": s.train_seconds,
             "steps_per_second": s.step / s.train_seconds if s.train_seconds > 0 else None,
-            "wall_seconds": time.perf_counter() - started,
+            "wall_seconds": self._wall(),  # cumulative over resumes, like train_seconds
         }
         if self.writer:
             write_json(self.run_dir / "summary.json", summary)

@@ -104,8 +104,10 @@ def test_sigterm_checkpoints_and_resume_continues_one_mlflow_run(reference, tiny
     code, out = finish(proc)
     assert code == 128 + signal.SIGTERM, out
     assert "zopipe resume" in out
-    stopped_at, _ = checkpoint.latest(run_dir)
+    stopped_at, stopped = checkpoint.latest(run_dir)
     assert 4 <= stopped_at < STEPS
+    first = json.loads((stopped / "trainer.json").read_text())
+    assert first["wall_seconds"] >= first["train_seconds"] > 0
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent}/mlflow.db")
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     assert client.get_run(run_id).info.status == "KILLED"
@@ -115,6 +117,9 @@ def test_sigterm_checkpoints_and_resume_continues_one_mlflow_run(reference, tiny
     assert code == 0, out
     assert "resuming" in out
     assert losses(run_dir) == losses(reference)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    second = summary["train_seconds"] - first["train_seconds"]  # this session's steps
+    assert summary["wall_seconds"] >= first["wall_seconds"] + second  # cumulative, like train
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
