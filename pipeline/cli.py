@@ -118,6 +118,8 @@ def _train(cfg, run_dir: Path, progress: bool, nproc: int, args: list[str]) -> N
                        f"{nproc}", err=True)
         sys.exit(code)
     lead = os.environ.get("RANK", "0") == "0"
+    if not progress:
+        _quiet_libraries()
     try:
         summary = _guarded(run, cfg, run_dir, progress=progress)
     except Stopped as stop:
@@ -127,6 +129,15 @@ def _train(cfg, run_dir: Path, progress: bool, nproc: int, args: list[str]) -> N
         sys.exit(stop.exit_code)
     if lead:
         click.echo(_summary_text(summary, run_dir))
+
+
+def _quiet_libraries() -> None:
+    """``--no-progress`` means no bars at all: transformers' and the hub's loading bars too."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def _torchrun(nproc: int, args: list[str]) -> int:
