@@ -27,13 +27,16 @@ Usage (rank 0 talks to MLflow, other ranks get a no-op)::
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import logging
 import math
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +138,28 @@ def _warn(message: str) -> None:
     print(f"[tracking] {message}", file=sys.stderr, flush=True)
 
 
+def _quiet_mlflow() -> None:
+    """MLflow's INFO lines (creating and migrating tables, system metrics started) are not the
+    user's business on every run; warnings and errors still show."""
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive ``flock`` beside a local SQLite store while a run opens it: two first runs
+    under one ``runs/`` root would race in MLflow's schema migration (one fails with
+    ``CommandError: Online migration expected to match one row`` and loses its tracking)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 class Tracker:
     """Logs one run to MLflow; a no-op when disabled, on ranks other than 0, or after an error.
 
@@ -184,12 +209,14 @@ class Tracker:
 
             from pipeline.sweep import claim_parent
 
+            _quiet_mlflow()
             first_in_sweep = claim_parent()  # None outside a sweep (SLURM job array)
-            tracker._client = MlflowClient(tracking_uri=uri)
-            tracker._finished = False
-            run_id = read_run_id(run_dir)
-            if run_id is None or not tracker._continue(run_id, resume):
-                tracker._create(cfg, run_dir, first_in_sweep)
+            with _store_lock(uri):  # the first run creates (migrates) a SQLite store alone
+                tracker._client = MlflowClient(tracking_uri=uri)
+                tracker._finished = False
+                run_id = read_run_id(run_dir)
+                if run_id is None or not tracker._continue(run_id, resume):
+                    tracker._create(cfg, run_dir, first_in_sweep)
         except Exception as exc:  # tracking must never break training
             tracker._disable(exc)
             return tracker

@@ -460,3 +460,37 @@ def test_curves_dedupe_resumed_steps_and_use_forward_counts():
     assert c.loss_y == [1.0, 0.5, 1.0 / 3, 0.25]
     assert c.evals["test"] == ([0.0, 12.0], [0.5, 0.7], [0.02, 0.02])
     assert moving_average([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+from pipeline.config import load_config
+from pipeline.tracking import Tracker
+cfg = load_config(None, ["tracking.experiment=race", "tracking.system_metrics=false"])
+while time.time() < float(sys.argv[2]):  # both start together
+    time.sleep(0.001)
+tracker = Tracker.start(cfg, Path(sys.argv[1]))
+print("active" if tracker.active else "inactive", flush=True)
+tracker.finish("FINISHED")
+"""
+
+
+def test_two_first_runs_on_one_new_store_are_both_tracked_and_quiet(tmp_path):
+    """Two first runs under one runs/ root: one creates the SQLite store while the other waits
+    (unlocked they raced in MLflow's migration and one lost its tracking)."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.time() + 8  # past both imports
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path / f"run{i}"), str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all(out.strip().splitlines()[-1] == "active" for out in outs), outs
+    assert not any("INFO" in out or "unavailable" in out for out in outs), outs
+    client = client_for(sqlite_uri(tmp_path))
+    exp = client.get_experiment_by_name("race")
+    assert len(client.search_runs([exp.experiment_id])) == 2
