@@ -127,3 +127,26 @@ def test_lora_on_2_rank_fsdp_tracks_the_single_process_run(tiny_job, tmp_path):
     assert two[0]["loss"] == two[1]["loss"]
     assert max(abs(a - b) for a, b in zip(one["loss"], two[0]["loss"])) < 1e-6
     assert all(g[0] != 0 and math.isfinite(g[0]) for g in one["grad"])
+
+
+def test_the_missing_fused_kernel_warning_is_dropped_and_other_bnb_warnings_pass():
+    """bitsandbytes warns at import (AVX512-BF16 CPUs) that `kernels` is missing; we never use
+    that kernel, so the line only alarms. Our module is imported before bitsandbytes on the
+    quantized path (load_model -> load_quantized -> transformers' bnb quantizer)."""
+    import logging
+    import subprocess
+    import sys
+
+    code = ("import logging, pipeline.models.quantization, bitsandbytes; "
+            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('other %s', 1)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "gemm_4bit_forward" not in out.stderr and "other 1" in out.stderr
+    from pipeline.models.quantization import FUSED_KERNEL_WARNING, _drop_fused_kernel_warning
+
+    def record(msg):
+        return logging.LogRecord("bitsandbytes.backends.cpu.ops", logging.WARNING, "", 0, msg,
+                                 None, None)
+
+    assert not _drop_fused_kernel_warning(record(FUSED_KERNEL_WARNING + " from x: %s"))
+    assert _drop_fused_kernel_warning(record("anything else"))

@@ -15,9 +15,22 @@ one (0.58 s vs 0.67 s per forward, 4 x 64 tokens, one thread).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 QUANTIZED = ("nf4", "fp4", "int8")
+FUSED_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward"
+
+
+def _drop_fused_kernel_warning(record: logging.LogRecord) -> bool:
+    """bitsandbytes warns at import on AVX512-BF16 CPUs that the optional ``kernels`` package
+    (its fused 4-bit kernel) is missing. We never take that path (:func:`keep_layout`), so the
+    warning only alarms; every other bitsandbytes message passes."""
+    return not str(record.msg).startswith(FUSED_KERNEL_WARNING)
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_fused_kernel_warning)
 
 
 def bnb_config(kind: str, compute_dtype: torch.dtype):
