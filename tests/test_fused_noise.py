@@ -6,12 +6,11 @@ import sys
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 from pipeline.config import MethodConfig
 from pipeline.parallel import trainable_names
 from pipeline.parallel.single import SingleBackend
-from pipeline.zo import noise, noise_math
+from pipeline.zo import noise, noise_aot, noise_compile, noise_math
 from pipeline.zo.methods import StepContext
 from pipeline.zo.methods.bszo import BSZO
 from pipeline.zo.methods.mezo import MeZO
@@ -89,13 +88,28 @@ def test_moments_tails_and_independence():
     assert abs(r.double().mean()) < 3e-3 and abs((r[0::2] * r[1::2]).double().mean()) < 3e-3
 
 
-def test_one_compiled_graph_serves_every_size_offset_seed_and_scale():
-    noise.noise(0, 0, 0, 100, TOTAL)  # warm
-    before = counters["stats"]["unique_graphs"]
+def test_one_compiled_kernel_serves_every_size_offset_seed_and_scale():
+    noise.noise(0, 0, 0, 100, TOTAL)  # warm: builds or loads the fp32 package
+    kernel = noise_compile.kernel("gaussian", torch.device("cpu"))
+    packages = sorted(noise_aot.kernel_dir().glob("*.pt2"))
+    loaded = dict(kernel._runners)
     for i, n in enumerate([2, 3, 17, 64, 1000, 4097, 70_000]):
         buf = torch.zeros(n + i)[i:]
         noise.apply(buf, buf, 1000 + i, 7 * i, 31 * i, TOTAL, 0.1 * i, 1.0, 0.5)
-    assert counters["stats"]["unique_graphs"] == before
+    assert kernel._runners == loaded and sorted(noise_aot.kernel_dir().glob("*.pt2")) == packages
+
+
+def test_the_compiled_cpu_path_keeps_the_compiler_out_of_the_process():
+    """The kernels are built in a subprocess and loaded by AOTInductor's C++ loader: the
+    training process never imports dynamo or inductor (about 155 MiB resident)."""
+    code = ("import sys, torch\n"
+            "from pipeline.zo import noise\n"
+            "z = noise.gaussian(1, 2, 3, 1 << 17, 1 << 18)\n"
+            "assert noise.uses_compiled(1 << 18)\n"
+            "print(sorted({m.split('.')[1] for m in sys.modules\n"
+            "              if m.startswith(('torch._dynamo', 'torch._inductor'))}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_a_failing_compiler_falls_back_to_the_reference_with_one_warning(tmp_path):
@@ -108,7 +122,8 @@ def test_a_failing_compiler_falls_back_to_the_reference_with_one_warning(tmp_pat
             "print(sum('noise kernel failed' in str(x.message) for x in w),"
             " noise.uses_compiled(1 << 17), torch.equal(a[5:14], b))\n")
     env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"),
-           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "ZOPIPE_CACHE": str(tmp_path / "cache")}  # no package built before
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == ["1", "False", "True"]
