@@ -3,6 +3,7 @@ the refresh, the update, the estimator against autograd, restore, replay and res
 
 import json
 import math
+import sys
 import threading
 
 import pytest
@@ -27,7 +28,7 @@ from pipeline.zo.methods.pgap import (
 from pipeline.zo.noise import gaussian
 from pipeline.zo.noise_cache import NoiseCache
 from pipeline.zo.perturbation import Perturbation
-from pipeline.zo.range_finder import sharded_svd
+from pipeline.zo.range_finder import sharded_svd, slice_rows
 from pipeline.zo.seeds import name_key
 
 
@@ -129,8 +130,9 @@ def _ranks_svd(matrix, cuts, rank, power_iters):
 
     def work(i):
         a, b = bounds[i], bounds[i + 1]
-        results[i] = sharded_svd(flat[a:b], tuple(matrix.shape), a, rank, 7, 3, reduce(i),
-                                 power_iters=power_iters)
+        shape = tuple(matrix.shape)
+        results[i] = sharded_svd(slice_rows(flat[a:b], shape, a), shape, a, b - a, rank, 7, 3,
+                                 reduce(i), power_iters=power_iters)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
     for t in threads:
@@ -160,10 +162,34 @@ def test_range_finder_on_flat_slices_equals_the_whole_and_is_replicated():
     assert err < 1.01  # the best rank-3 error (Eckart-Young), up to the range finder's slack
 
 
+def test_range_finder_reading_g_in_small_row_blocks_gives_the_same_factors(monkeypatch):
+    """The products read ``G`` block by block (about ``BLOCK`` elements each): blocks of one or
+    two rows, across slices that cut rows, give the one-block factors to float64 rounding."""
+    from pipeline.zo import range_finder
+
+    torch.manual_seed(2)
+    g = torch.randn(9, 4) @ torch.randn(4, 13) + 0.01 * torch.randn(9, 13)
+    whole = _ranks_svd(g, [20, 77], 3, 1)[0]
+    asked = []
+    original = range_finder.slice_rows
+
+    def recording(values, shape, start):
+        rows = original(values, shape, start)
+        return lambda a, b: asked.append(b - a) or rows(a, b)
+
+    monkeypatch.setattr(range_finder, "BLOCK", 20)  # 20 // 13: one row per block
+    monkeypatch.setattr(sys.modules[__name__], "slice_rows", recording)
+    blocked = _ranks_svd(g, [20, 77], 3, 1)[0]
+    assert asked and max(asked) == 1
+    for a, b in zip(blocked, whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
 def test_range_finder_with_full_rank_is_the_exact_svd():
     torch.manual_seed(1)
     g = torch.randn(6, 10)
-    u, s, v = sharded_svd(g.reshape(-1), (6, 10), 0, 128, 1, 2, lambda t: t, power_iters=0)
+    u, s, v = sharded_svd(slice_rows(g.reshape(-1), (6, 10), 0), (6, 10), 0, 60, 128, 1, 2,
+                          lambda t: t, power_iters=0)
     assert u.shape == (6, 6) and v.shape == (10, 6)  # rank capped by the dims
     torch.testing.assert_close(s, torch.linalg.svdvals(g.double()), rtol=1e-12, atol=0)
     torch.testing.assert_close(u @ torch.diag(s) @ v.T, g.double(), rtol=0, atol=1e-6)

@@ -6,7 +6,7 @@ Halko, Martinsson & Tropp (2011), Algorithms 4.3/4.4 and 5.1: with a test matrix
 ``G ≈ (Q Ũ) S Vᵀ``, truncated to rank ``r``.
 
 Each rank holds the flat elements ``[start, start + n)`` of the (out, in) matrix ``G`` (a
-ParamShard's layout). It forms the rows its slice touches, with zeros where another rank owns
+ParamShard's layout). It sees the rows its slice touches, with zeros where another rank owns
 the element, so ``G`` is the sum over ranks of these masked row blocks and every thin product
 ``G X`` / ``Gᵀ X`` is a sum of per-rank products: one all-reduce each (``reduce`` returns the
 sum over ranks, the same numbers on every rank). ``Ω`` is drawn from a seed, so it is the same on
@@ -14,8 +14,13 @@ every rank; everything after the reductions (QR, the small SVD) runs on replicat
 gives bitwise-identical factors on every rank. Nothing of the matrix's size is communicated:
 ``(2 + 2·power_iters)`` all-reduces of ``out·k`` or ``in·k`` float64 values.
 
-The products and factorizations run in float64 (the slice is cast once), so the factors at world
-sizes 1 and 2 differ only by the float64 rounding of the reductions.
+The rank's rows are never held at once: ``G`` is given as a function of a row range
+(:data:`RowBlocks`), asked for blocks of about ``BLOCK`` elements in each product, so the
+memory of a fit is the thin products plus one block (P-GAP forms a block of ``Ĝ`` from the
+probes' noise each time it is asked, rather than keeping a layer's ``Ĝ``).
+
+The products and factorizations run in float64, so the factors at world sizes 1 and 2 differ
+only by the float64 rounding of the reductions.
 """
 
 from __future__ import annotations
@@ -24,35 +29,48 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.zo.noise import gaussian
+from pipeline.zo.noise import BLOCK, gaussian
 
 OVERSAMPLE = 10  # Halko et al.'s recommended p
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def covered_rows(shape: tuple[int, int], start: int, values: torch.Tensor
-                 ) -> tuple[int, torch.Tensor]:
-    """``(first row, rows)``: the rows of ``G`` that flat elements ``[start, start + n)`` touch,
-    float64, with zeros where the slice does not reach."""
-    out, inner = shape
-    n = values.numel()
+RowBlocks = Callable[[int, int], torch.Tensor]  # rows [a, b) of this rank's masked G, float64
+
+
+def covered_rows(shape: tuple[int, int], start: int, numel: int) -> tuple[int, int]:
+    """``[r0, r1)``: the rows of ``G`` that flat elements ``[start, start + numel)`` touch."""
+    inner = shape[1]
     r0 = start // inner
-    r1 = max(r0, -(-(start + n) // inner))
-    rows = torch.zeros((r1 - r0) * inner, dtype=torch.float64, device=values.device)
-    rows[start - r0 * inner : start - r0 * inner + n] = values
-    return r0, rows.view(r1 - r0, inner)
+    return r0, max(r0, -(-(start + numel) // inner))
+
+
+def slice_rows(values: torch.Tensor, shape: tuple[int, int], start: int) -> RowBlocks:
+    """:data:`RowBlocks` of a slice held in memory: flat elements ``[start, start + n)``."""
+    inner, n = shape[1], values.numel()
+
+    def rows(a: int, b: int) -> torch.Tensor:
+        block = torch.zeros((b - a) * inner, dtype=torch.float64, device=values.device)
+        lo, hi = max(a * inner, start), min(b * inner, start + n)
+        if hi > lo:
+            block[lo - a * inner : hi - a * inner] = values[lo - start : hi - start]
+        return block.view(b - a, inner)
+
+    return rows
 
 
 def _orth(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y).Q
 
 
-def sharded_svd(values: torch.Tensor, shape: tuple[int, int], start: int, rank: int, seed: int,
-                key: int, reduce: Reduce, *, power_iters: int = 1
+def sharded_svd(rows: RowBlocks, shape: tuple[int, int], start: int, numel: int, rank: int,
+                seed: int, key: int, reduce: Reduce, *, power_iters: int = 1,
+                device: torch.device | str = "cpu"
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``U (out, r), S (r,), V (in, r)`` (float64, CPU), ``r = min(rank, out, in)``, of the
-    matrix whose flat elements ``[start, start + values.numel())`` this rank holds.
+    matrix whose flat elements ``[start, start + numel)`` this rank holds, given as ``rows``
+    (blocks on ``device``).
 
     ``Ω`` is ``gaussian(seed, key)`` over ``in·k`` elements. ``reduce(t)`` must return the sum of
     ``t`` over the ranks (identity in one process).
@@ -60,23 +78,31 @@ def sharded_svd(values: torch.Tensor, shape: tuple[int, int], start: int, rank: 
     out, inner = shape
     k = min(rank + OVERSAMPLE, out, inner)
     r = min(rank, out, inner)
-    r0, rows = covered_rows(shape, start, values)
-    r1 = r0 + rows.shape[0]
-    device = rows.device
+    r0, r1 = covered_rows(shape, start, numel)
+    step = max(1, BLOCK // inner)
+    blocks = [(a, min(a + step, r1)) for a in range(r0, r1, step)]
 
     def times(x: torch.Tensor) -> torch.Tensor:  # G x, x (in, k) -> (out, k)
+        x = x.to(device)
         y = torch.zeros(out, x.shape[1], dtype=torch.float64, device=device)
-        y[r0:r1] = rows @ x.to(device)
+        for a, b in blocks:
+            torch.mm(rows(a, b), x, out=y[a:b])
         return reduce(y).to("cpu", torch.float64)
 
     def times_t(q: torch.Tensor) -> torch.Tensor:  # Gᵀ q, q (out, k) -> (in, k)
-        return reduce(rows.T @ q[r0:r1].to(device)).to("cpu", torch.float64)
+        q = q.to(device)
+        acc = torch.zeros(inner, q.shape[1], dtype=torch.float64, device=device)
+        for a, b in blocks:
+            acc.addmm_(rows(a, b).T, q[a:b])
+        return reduce(acc).to("cpu", torch.float64)
 
     omega = gaussian(seed, key, 0, inner * k).view(inner, k).double()
     y = times(omega)
+    del omega
     for _ in range(power_iters):
         y = times(_orth(times_t(_orth(y))))
     q = _orth(y)
+    del y
     b = times_t(q).T  # Qᵀ G, (k, in)
     ub, s, vh = torch.linalg.svd(b, full_matrices=False)
     return q @ ub[:, :r], s[:r].clone(), vh[:r].T.contiguous()

@@ -11,7 +11,8 @@ R1. ``q = method.pgap_q`` dense two-sided probes along ``z_j`` of ``p_j = step_s
     1 + j)``: ``c_j = (L(θ + ε z_j) - L(θ - ε z_j)) / 2ε`` (``2q`` forwards, each asked for at its
     point; the stored weights are never moved and nothing is updated).
 R2. Per trainable 2-D weight, one layer at a time: ``Ĝ = (1/q) Σ_j c_j z_j`` over this rank's
-    slice, accumulated in fp32 (one slice of one layer in memory at a time).
+    slice, accumulated in fp32, formed block by block from the probes' regenerated noise each
+    time the range finder reads it (never a whole layer's slice in memory).
 R3. Rank-``r`` truncated SVD ``Ĝ ≈ U S Vᵀ`` (``r = min(method.pgap_rank, out, in)``) by the
     randomized range finder of :mod:`pipeline.zo.range_finder` (test matrix ``Ω`` of ``p_1`` keyed
     by ``"<name>::pgap.omega"``, ``method.pgap_power_iters`` power iterations), whose thin products
@@ -46,8 +47,11 @@ weight ``2 + 2·power_iters`` all-reduces of ``out·k`` or ``in·k`` float64 val
 Memory. Per weight, ``V`` (fp32, ``in·r``, the same on every rank: every row of ``Δ`` needs all of
 it), ``S`` (float64) and only the rows of ``U`` (and of ``U Z``) that this rank's slice of the
 weight touches, rounded out to whole chunks of :func:`row_pieces` (fp32, ``rows·r``): ``U`` is
-sharded like the weight, about ``out·r / W`` per rank. During a refresh, one layer's slice of
-``Ĝ`` (fp32, then float64 rows) and the range finder's thin ``(out or in)·(r+10)`` products.
+sharded like the weight, about ``out·r / W`` per rank. During a refresh, one block of ``Ĝ``
+(about ``BLOCK`` rows' worth) and the range finder's thin ``(out or in)·(r+10)`` float64
+products of one layer. The price: each of the range finder's ``2 + 2·power_iters`` passes
+regenerates the ``q`` probes' noise over the rank's slice (``q·(2 + 2·power_iters)`` dense
+regenerations per refresh instead of ``q``).
 
 State and checkpoints. :meth:`state_dict` holds the step of the last refresh and every weight's
 ``S, V`` (CPU tensors; identical on all ranks, so the checkpoint's rank-0 ``method.pt`` carries
@@ -170,14 +174,34 @@ class PGAP:
             local.append(loss(Perturbation.dense(seed, -eps)))
         return local
 
-    def estimate(self, shard: ParamShard, seeds: list[int], grads: list[float]) -> torch.Tensor:
-        """R2: this rank's slice of ``Ĝ = (1/q) Σ_j c_j z_j`` (fp32, on the shard's device)."""
-        g = torch.zeros(shard.numel, dtype=torch.float32, device=shard.local.device)
+    def estimate(self, shard: ParamShard, seeds: list[int], grads: list[float], offset: int = 0,
+                 numel: int | None = None) -> torch.Tensor:
+        """R2: elements ``[offset, offset + numel)`` of this rank's slice of
+        ``Ĝ = (1/q) Σ_j c_j z_j`` (fp32, on the shard's device; default: the whole slice). Each
+        element is accumulated in the same order whatever the range, so any part is bitwise that
+        part of the whole."""
+        numel = shard.numel - offset if numel is None else numel
+        g = torch.zeros(numel, dtype=torch.float32, device=shard.local.device)
         for seed, c in zip(seeds, grads):
             alpha = f32(c / len(seeds))
-            for off, z in z_blocks(seed, shard):
+            for off, z in z_blocks(seed, shard, offset, numel):
                 g[off : off + z.numel()].add_(z.to(g.device).mul_(alpha))
         return g
+
+    def _rows(self, shard: ParamShard, seeds: list[int], grads: list[float]):
+        """Rows ``[a, b)`` of this rank's masked ``Ĝ`` (float64, zeros off the slice), formed
+        from the probes' noise when asked (R2 feeding R3): no layer's ``Ĝ`` is ever held."""
+        inner, first, end = shard.shape[1], shard.start, shard.start + shard.numel
+
+        def rows(a: int, b: int) -> torch.Tensor:
+            block = torch.zeros((b - a) * inner, dtype=torch.float64, device=shard.local.device)
+            lo, hi = max(a * inner, first), min(b * inner, end)
+            if hi > lo:
+                block[lo - a * inner : hi - a * inner] = self.estimate(shard, seeds, grads,
+                                                                       lo - first, hi - lo)
+            return block.view(b - a, inner)
+
+        return rows
 
     def fit(self, seeds: list[int], grads: list[float], reduce) -> None:
         """R2-R3 for every 2-D weight, one at a time; ``reduce`` sums over ranks."""
@@ -185,13 +209,12 @@ class PGAP:
         for shard in self.shards:
             if not is_matrix(shard):
                 continue
-            g = self.estimate(shard, seeds, grads)
-            u, s, v = sharded_svd(g, shard.shape, shard.start, self.cfg.pgap_rank, seeds[0],
-                                  name_key(shard.name + "::pgap.omega"), reduce,
-                                  power_iters=self.cfg.pgap_power_iters)
-            del g
-            lo, hi = needed_rows(shard.shape, shard.start, shard.numel)
             device = shard.local.device
+            u, s, v = sharded_svd(self._rows(shard, seeds, grads), shard.shape, shard.start,
+                                  shard.numel, self.cfg.pgap_rank, seeds[0],
+                                  name_key(shard.name + "::pgap.omega"), reduce,
+                                  power_iters=self.cfg.pgap_power_iters, device=device)
+            lo, hi = needed_rows(shard.shape, shard.start, shard.numel)
             factors[shard.name] = (u[lo:hi].to(device, torch.float32), s,
                                    v.to(device, torch.float32))
             row0[shard.name] = lo
