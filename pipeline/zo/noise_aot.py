@@ -113,8 +113,11 @@ def build(kind: str, dtypes: tuple[torch.dtype, ...], path: Path) -> None:
     from torch._inductor import aoti_compile_and_package  # only in the build process
 
     tmp = path.with_name(f".{os.getpid()}.{path.name}")  # a .pt2 name, as the packager asks
-    aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=options)
-    os.replace(tmp, path)
+    try:
+        aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=options)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def ensure(kind: str, dtypes: tuple[torch.dtype, ...]) -> Path:
@@ -150,8 +153,9 @@ class AotKernel:
             path = ensure(self.kind, dtypes)
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
             names = ", ".join(map(_dtype_name, dtypes))
-            raise RuntimeError(f"building the {self.kind} noise kernel for ({names}) failed: "
-                               f"{exc}; ZO_NOISE_COMPILE=0 runs the eager reference kernel "
+            raise RuntimeError(f"building the {self.kind} noise kernel for ({names}) in "
+                               f"{kernel_dir()} failed: {exc}; ZOPIPE_CACHE moves the kernel "
+                               "cache, ZO_NOISE_COMPILE=0 runs the eager reference kernel "
                                "(slower)") from exc
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         self.seconds[dtypes] = time.perf_counter() - tic
