@@ -1,6 +1,7 @@
 """16-bit storage without masters: perturbed forwards never write the weights, so a step at
 learning rate 0 is bitwise exact in every dtype and for every weight-space method; updates land by
-stochastic rounding and replay bitwise; NaN steps are skipped."""
+stochastic rounding, replay bitwise and are bitwise the same at any world size given the same
+projected gradients; NaN steps are skipped."""
 
 import json
 import math
