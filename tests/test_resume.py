@@ -92,48 +92,6 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise(reference, tiny_job, tmp
         assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
 
 
-@pytest.fixture(scope="module")
-def reference_bf16(tmp_path_factory, tiny_job):
-    """An uninterrupted run of the default 16-bit path: bf16 storage, no fp32 masters."""
-    run_dir = tmp_path_factory.mktemp("ref-bf16") / "run"
-    code, out = finish(zopipe(*train_args(run_dir, tiny_job, "model.dtype=bf16")))
-    assert code == 0, out
-    return run_dir
-
-
-@pytest.mark.slow
-def test_bf16_without_masters_sigkill_then_resume_is_bitwise(reference_bf16, tiny_job,
-                                                              tiny_model_dir, tmp_path):
-    """The stored bf16 weights are the whole state (no master to save or rebuild) and updates
-    land by stochastic rounding keyed by the step's seed: a run killed mid-way and resumed has
-    bitwise the uninterrupted run's losses, update log and bf16 weights."""
-    from transformers import AutoModelForCausalLM
-
-    ref = final_weights(reference_bf16)
-    assert not any(k.startswith("master::") for k in ref)
-    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
-                .named_parameters())
-    moved = sum(int((ref[k] != base[k].detach().reshape(-1)).sum()) for k in ref)
-    assert moved > 0.1 * sum(w.numel() for w in ref.values())  # the updates were not rounded away
-
-    run_dir = tmp_path / "run"
-    proc = zopipe(*train_args(run_dir, tiny_job, "model.dtype=bf16"))
-    assert wait_for_step(run_dir, 7, proc)
-    time.sleep(0.1)  # mid-step: steps after the last checkpoint (step-6) are recomputed
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.latest(run_dir)[0] < STEPS
-    code, out = finish(zopipe("resume", str(run_dir), "--no-progress"))
-    assert code == 0 and "resuming" in out, out
-    assert losses(run_dir) == losses(reference_bf16)
-    log = "update_log.jsonl"
-    assert read_jsonl(run_dir / log) == read_jsonl(reference_bf16 / log)
-    weights = final_weights(run_dir)
-    assert all(weights[k].dtype == torch.bfloat16 and torch.equal(weights[k].view(torch.int16),
-                                                                  ref[k].view(torch.int16))
-               for k in ref)
-
-
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_continues_one_mlflow_run(reference, tiny_job, tmp_path):
     from mlflow import MlflowClient
@@ -244,28 +202,42 @@ def test_incomplete_checkpoints_are_ignored(tiny_model, tmp_path, capsys):
     assert "ignoring incomplete checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_zo_adam_moments_survive_a_resume(tiny_job, tmp_path, dtype):
-    """The sharded Adam moments (fp32, also beside bf16 weights without masters) go into the
-    per-rank checkpoint files and come back: stopped at step 3 and resumed, the run has the
-    uninterrupted one's losses and weights, bitwise."""
+@pytest.mark.parametrize("method,dtype", [("zo_adam", "fp32"), ("zo_adam", "bf16"),
+                                          ("mezo", "bf16")])
+def test_a_stopped_run_resumes_bitwise_16bit_and_adam_moments_included(tiny_job, tmp_path,
+                                                                        method, dtype):
+    """Stopped at step 3 and resumed to step 5, a run has the uninterrupted one's losses, update
+    log and weights, bitwise. bf16 is the default 16-bit path (no fp32 masters; updates land by
+    stochastic rounding keyed by the step's seed): the stored bf16 weights are the whole state.
+    ZO-Adam's sharded fp32 moments go into the per-rank checkpoint files and come back."""
     from pipeline.config import load_config
     from pipeline.train import run
 
-    common = [*tiny_job, "method.name=zo_adam", "tracking.enabled=false", "checkpoint.every=2",
-              "train.eval_zero_shot=false", f"model.dtype={dtype}"]
+    common = [*tiny_job, f"method.name={method}", "tracking.enabled=false",
+              "checkpoint.every=2", "checkpoint.keep_last=0", "train.eval_zero_shot=false",
+              f"model.dtype={dtype}"]
     run(load_config("jobs/demo.yaml", [*common, "train.steps=5"]), tmp_path / "a",
         progress=False)
     run(load_config("jobs/demo.yaml", [*common, "train.steps=3"]), tmp_path / "b",
         progress=False)
     run(load_config("jobs/demo.yaml", [*common, "train.steps=5"]), tmp_path / "b",
         progress=False)
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    saved = load_file(str(checkpoint.latest(tmp_path / "b")[1] / "shards-rank0.safetensors"))
-    assert any(k.startswith("exp_avg_sq::") for k in saved)
-    whole = load_file(str(checkpoint.latest(tmp_path / "a")[1] / "shards-rank0.safetensors"))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 5
+    log = "update_log.jsonl"
+    assert read_jsonl(tmp_path / "a" / log) == read_jsonl(tmp_path / "b" / log)
+
+    def weights(run_dir, step):
+        path = checkpoint.checkpoint_root(run_dir) / f"step-{step}" / "shards-rank0.safetensors"
+        return load_file(str(path))
+
+    saved, whole = weights(tmp_path / "b", 5), weights(tmp_path / "a", 5)
     assert set(saved) == set(whole) and not any(k.startswith("master::") for k in saved)
+    assert any(k.startswith("exp_avg_sq::") for k in saved) == (method == "zo_adam")
     assert all(torch.equal(saved[k].view(torch.uint8), whole[k].view(torch.uint8)) for k in whole)
+    at_stop = weights(tmp_path / "b", 3)
+    names = [k for k in whole if "::" not in k]  # the weights, not the moments
+    moved = sum(int((at_stop[k] != whole[k]).sum()) for k in names)
+    assert moved > 0.5 * sum(whole[k].numel() for k in names)  # steps 4-5 were not rounded away
 
 
 def _copy_run(reference, tmp_path):
