@@ -1,11 +1,13 @@
 """16-bit storage without masters: perturbed forwards never write the weights, so a step at
 learning rate 0 is bitwise exact in every dtype and for every weight-space method; updates land by
-stochastic rounding and replay bitwise; NaN steps are skipped."""
+stochastic rounding, replay bitwise and are bitwise the same at any world size given the same
+projected gradients; NaN steps are skipped."""
 
 import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from pipeline import checkpoint
 from pipeline.config import MethodConfig, load_config
 from pipeline.metrics import read_jsonl
 from pipeline.models.objective import batch_loss
-from pipeline.parallel import trainable_names
+from pipeline.parallel import make_shard, trainable_names
 from pipeline.parallel.check import _load_whole, run_check
 from pipeline.parallel.delivery import UndeliveredPerturbation
 from pipeline.parallel.single import SingleBackend
@@ -34,6 +36,11 @@ SMALL = {"pgap_q": 2, "pgap_rank": 4}  # a refresh costs 2q forwards
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().view(torch.uint8)
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """A 16-bit tensor's bit patterns, one per element."""
+    return t.detach().clone().view(torch.int16)
 
 
 def _backend(model, dtype):
@@ -146,6 +153,64 @@ def test_16bit_updates_move_the_weights_and_replay_bitwise(tiny_model, tiny_batc
     assert all(torch.equal(trained[n], _bits(p)) for n, p in tiny_model.named_parameters())
 
 
+# One method config per way an update is written: the fused single-direction pass (mezo),
+# several directions summed block by block (mezo2), low-rank pieces of U Vᵀ (lozo, V redrawn at
+# step 2), an estimate fed to an elementwise rule with fp32 moments (zo_adam).
+UPDATE_PATHS = {
+    "mezo": {"name": "mezo"}, "mezo2": {"name": "mezo", "n_directions": 2},
+    "lozo": {"name": "lozo", "lozo_nu": 2}, "zo_adam": {"name": "zo_adam"},
+}
+
+
+def _rank_slices(shards, cuts: int, local_index: bool = False) -> list[list[ParamShard]]:
+    """Each whole shard cut into ``cuts`` uneven flat slices, as ``cuts`` ranks would own them
+    (slices cross rows, like ZeRO-3's); ``local_index`` keys each slice's noise and rounding
+    bits by its local index (start 0) instead of the global one: the bug to catch."""
+    ranks = [[] for _ in range(cuts)]
+    for s in shards:
+        bounds = [0, *sorted({(s.numel * r) // cuts + r % 2 for r in range(1, cuts)}), s.numel]
+        for r, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            start = 0 if local_index else a
+            ranks[r].append(make_shard(s.name, s.shape, start, s.local[a:b], master=False))
+    return ranks
+
+
+@pytest.mark.parametrize("path", UPDATE_PATHS)
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_16bit_updates_of_rank_slices_are_bitwise_the_whole_and_local_indices_are_caught(
+        tiny_model, tiny_batch, dtype, path):
+    """The world-size invariance of a 16-bit update given the same projected gradients: three
+    ranks' slices, each updated by its own method from the logged steps, give bitwise the
+    single process's weights; slices keyed by their local index do not (the comparison would
+    catch a rank that draws its noise or rounding bits by local index)."""
+    backend = _backend(tiny_model, dtype)
+    cfg = MethodConfig(lr=1e-4, **UPDATE_PATHS[path])
+    zo = METHODS[cfg.name](cfg, backend.shards())
+    start = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    records = []
+    for step in range(3):
+        stats = zo.step(StepContext(step, 0, cfg.lr, tiny_batch, backend))
+        records.append({"seeds": stats.seeds, "lr": cfg.lr, "projected_grad": stats.projected_grad,
+                        **stats.extra})
+    whole = {n: _words(p) for n, p in tiny_model.named_parameters()}
+    moved = sum(int((whole[n] != _words(start[n])).sum()) for n in start)
+    assert moved > 0.05 * sum(p.numel() for p in start.values())
+
+    def replayed(local_index: bool) -> dict[str, torch.Tensor]:
+        for n, p in tiny_model.named_parameters():
+            p.data.copy_(start[n])
+        for rank in _rank_slices(backend.shards(), 3, local_index):
+            method = METHODS[cfg.name](cfg, rank)
+            for record in records:
+                method.replay(record)
+        return {n: _words(p) for n, p in tiny_model.named_parameters()}
+
+    assert all(torch.equal(whole[n], b) for n, b in replayed(False).items())
+    wrong = replayed(True)
+    differ = sum(int((whole[n] != wrong[n]).sum()) for n in whole)
+    assert differ > 0.1 * moved
+
+
 def test_nan_loss_from_fp16_overflow_leaves_weights_bitwise_and_is_counted(tiny_job,
                                                                            tiny_model_dir,
                                                                            tmp_path):
@@ -201,3 +266,54 @@ def test_lr_zero_is_bitwise_without_masters_on_2_ranks(dtype, tiny_job, tiny_mod
     for backend in backends:  # real steps: finite losses (a NaN step would change nothing too)
         steps = [json.loads(line) for line in (tmp_path / backend / "steps.jsonl").open()]
         assert len(steps) == 2 and all(math.isfinite(s["loss"]) for s in steps)
+
+
+@pytest.mark.slow
+def test_16bit_updates_on_2_ranks_are_bitwise_the_single_process_ones(tiny_job, tiny_model_dir,
+                                                                      tmp_path):
+    """Non-zero learning rate, no masters, bf16 and fp16 on fsdp and zero3 at 2 gloo ranks
+    against one process.
+
+    Bitwise by construction: every rank measures the whole global batch (a run's ranks measure
+    their halves, whose fp32 means differ from the whole's by fp32 rounding, magnified in the
+    projected gradient by 1/2ε), so the projected gradients are the single process's exactly and
+    the stored 16-bit weights after 3 steps must be too, for every update path
+    (tests/workers/update_steps.py); a rank drawing noise or rounding bits by its local index
+    would differ (the in-process test above shows that such a comparison catches it)."""
+    from transformers import AutoModelForCausalLM
+
+    runs = {"single": "bf16,fp16", "fsdp": "bf16,fp16",
+            "zero3": "bf16,fp16" if _deepspeed_fp16() else "bf16"}
+    worker = Path(__file__).parent / "workers" / "update_steps.py"
+    for backend, dtypes in runs.items():
+        cmd = [str(worker), str(tmp_path / backend), "3", dtypes, json.dumps(UPDATE_PATHS),
+               "jobs/demo.yaml", *tiny_job, "method.lr=1e-4", "tracking.enabled=false",
+               f"parallel.backend={backend}"]
+        if backend != "single":
+            cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *cmd]
+        subprocess.run([sys.executable, *cmd], check=True, timeout=600)
+
+    def final(backend, dtype, path):
+        return _load_whole(sorted((tmp_path / backend / dtype).glob(f"{path}-rank*.safetensors")))
+
+    for dtype in ("bf16", "fp16"):
+        ref = json.loads((tmp_path / "single" / dtype / "records.json").read_text())
+        assert set(ref) == set(UPDATE_PATHS)
+        base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=DTYPES[dtype])
+                    .named_parameters())
+        backends = [b for b in ("fsdp", "zero3") if dtype in runs[b]]
+        for path in UPDATE_PATHS:
+            one = final("single", dtype, path)
+            # the weights moved (by stochastic rounding) in both ranks' halves of every matrix
+            for s in one:
+                if len(s.shape) == 2:
+                    moved = s.local.view(torch.int16) != _words(base[s.name]).view(-1)
+                    half = s.total // 2
+                    assert moved[:half].any() and moved[half:].any(), (dtype, path, s.name)
+            for backend in backends:
+                got = json.loads((tmp_path / backend / dtype / "records.json").read_text())
+                assert got[path] == ref[path], (backend, dtype, path)  # losses and gradients
+                two = final(backend, dtype, path)
+                assert [s.name for s in two] == [s.name for s in one]
+                assert all(torch.equal(a.local.view(torch.int16), b.local.view(torch.int16))
+                           for a, b in zip(one, two)), (backend, dtype, path)

@@ -202,22 +202,42 @@ def test_incomplete_checkpoints_are_ignored(tiny_model, tmp_path, capsys):
     assert "ignoring incomplete checkpoint" in capsys.readouterr().err
 
 
-def test_zo_adam_moments_survive_a_resume(tiny_job, tmp_path):
-    """The sharded Adam moments go into the per-rank checkpoint files and come back."""
+@pytest.mark.parametrize("method,dtype", [("zo_adam", "fp32"), ("zo_adam", "bf16"),
+                                          ("mezo", "bf16")])
+def test_a_stopped_run_resumes_bitwise_16bit_and_adam_moments_included(tiny_job, tmp_path,
+                                                                        method, dtype):
+    """Stopped at step 3 and resumed to step 5, a run has the uninterrupted one's losses, update
+    log and weights, bitwise. bf16 is the default 16-bit path (no fp32 masters; updates land by
+    stochastic rounding keyed by the step's seed): the stored bf16 weights are the whole state.
+    ZO-Adam's sharded fp32 moments go into the per-rank checkpoint files and come back."""
     from pipeline.config import load_config
     from pipeline.train import run
 
-    common = [*tiny_job, "method.name=zo_adam", "tracking.enabled=false", "checkpoint.every=2",
-              "train.eval_zero_shot=false"]
+    common = [*tiny_job, f"method.name={method}", "tracking.enabled=false",
+              "checkpoint.every=2", "checkpoint.keep_last=0", "train.eval_zero_shot=false",
+              f"model.dtype={dtype}"]
     run(load_config("jobs/demo.yaml", [*common, "train.steps=5"]), tmp_path / "a",
         progress=False)
     run(load_config("jobs/demo.yaml", [*common, "train.steps=3"]), tmp_path / "b",
         progress=False)
     run(load_config("jobs/demo.yaml", [*common, "train.steps=5"]), tmp_path / "b",
         progress=False)
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    saved = load_file(str(checkpoint.latest(tmp_path / "b")[1] / "shards-rank0.safetensors"))
-    assert any(k.startswith("exp_avg_sq::") for k in saved)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 5
+    log = "update_log.jsonl"
+    assert read_jsonl(tmp_path / "a" / log) == read_jsonl(tmp_path / "b" / log)
+
+    def weights(run_dir, step):
+        path = checkpoint.checkpoint_root(run_dir) / f"step-{step}" / "shards-rank0.safetensors"
+        return load_file(str(path))
+
+    saved, whole = weights(tmp_path / "b", 5), weights(tmp_path / "a", 5)
+    assert set(saved) == set(whole) and not any(k.startswith("master::") for k in saved)
+    assert any(k.startswith("exp_avg_sq::") for k in saved) == (method == "zo_adam")
+    assert all(torch.equal(saved[k].view(torch.uint8), whole[k].view(torch.uint8)) for k in whole)
+    at_stop = weights(tmp_path / "b", 3)
+    names = [k for k in whole if "::" not in k]  # the weights, not the moments
+    moved = sum(int((at_stop[k] != whole[k]).sum()) for k in names)
+    assert moved > 0.5 * sum(whole[k].numel() for k in names)  # steps 4-5 were not rounded away
 
 
 def _copy_run(reference, tmp_path):

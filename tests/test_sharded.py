@@ -106,6 +106,36 @@ def test_stop_resume_same_world_size_is_bitwise_and_2_to_1_tracks(backend, small
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
 
 
+def test_bf16_without_masters_resumes_bitwise_on_2_zero3_ranks(small, tmp_path):
+    """The default 16-bit path on 2 ranks: resumed from the step-2 checkpoint of an
+    uninterrupted run (what a run stopped or killed after step 2 resumes from), steps 3-6 give
+    bitwise its losses, update log and every rank's bf16 shards. (zero3 only, to keep the suite
+    short; the stop/kill machinery itself is dtype-blind and tested above and in test_resume.)"""
+    ref = tmp_path / "ref"
+    done = _zopipe(*_train_args(ref, small, "zero3", "model.dtype=bf16"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    for path in (run / "checkpoints").iterdir():
+        if path.name != "step-2":
+            shutil.rmtree(path)
+    (run / "summary.json").unlink()
+    resumed = _zopipe("resume", str(run), "--no-progress", "--nproc-per-node", "2")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "from step-2" in resumed.stdout + resumed.stderr
+    assert _losses(run) == _losses(ref) and len(_losses(ref)) == 6
+    assert read_jsonl(run / "update_log.jsonl") == read_jsonl(ref / "update_log.jsonl")
+    for rank in (0, 1):
+        ours = load_file(str(checkpoint.latest(run)[1] / f"shards-rank{rank}.safetensors"))
+        theirs = load_file(str(checkpoint.latest(ref)[1] / f"shards-rank{rank}.safetensors"))
+        assert set(ours) == set(theirs) and not any(k.startswith("master::") for k in ours)
+        assert all(theirs[k].dtype == torch.bfloat16 for k in theirs)
+        assert all(torch.equal(ours[k].view(torch.int16), theirs[k].view(torch.int16))
+                   for k in theirs)
+    first = load_file(str(ref / "checkpoints" / "step-2" / "shards-rank1.safetensors"))
+    assert any(not torch.equal(first[k], theirs[k]) for k in theirs)  # steps 3-6 moved them
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_step_communicates_one_collective_of_a_few_scalars(backend, small, tmp_path):
     out = tmp_path / "calls.json"
