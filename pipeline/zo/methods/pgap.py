@@ -73,6 +73,7 @@ from typing import Any
 
 import torch
 
+from pipeline.heap import release_free_memory
 from pipeline.zo.directions import Term, f32, z_blocks
 from pipeline.zo.methods.base import StepContext, StepStats
 from pipeline.zo.methods.lozo import is_matrix
@@ -236,6 +237,7 @@ class PGAP:
         grads = [(losses[2 * j] - losses[2 * j + 1]) / (2 * eps) for j in range(self.q)]
         world = backend.world_size
         self.fit(seeds, grads, lambda t: backend.all_reduce_mean(t) * world)
+        release_free_memory()  # the fit's blocks and thin products are freed
         self.refreshed_at = ctx.step
         return grads
 

@@ -72,6 +72,7 @@ from typing import Any
 
 import torch
 
+from pipeline.heap import release_free_memory
 from pipeline.models.adapters import CoefficientAdapter
 from pipeline.zo.activations import RowCapture, linear_modules, per_rank_cap, subspace_bases
 from pipeline.zo.directions import f32
@@ -135,6 +136,7 @@ class ZOAct:
         self.C = {n: torch.zeros(modules[n].out_features, self.V[n].shape[1])
                   for n in self.names}
         self._capture, self._seen = None, 0
+        release_free_memory()  # the calibration rows are freed: keep the heap from holding them
         self._new_optimizer()
         self._attach(backend.model)
 
