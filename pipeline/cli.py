@@ -26,11 +26,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pipeline.compare import CompareError
     from pipeline.data.loading import DataError
     from pipeline.models.loading import ModelError
+    from pipeline.out_dirs import OutDirError
     from pipeline.run_dir import RunDirError
     from pipeline.trainer import NonFiniteError
 
     return (AssetError, DataError, ModelError, RunDirError, CheckpointError, NonFiniteError,
-            CompareError)
+            CompareError, OutDirError)
 
 
 def _config(config: str, overrides: tuple[str, ...]):
@@ -104,9 +105,11 @@ def train(config, overrides, run_dir, no_progress, nproc_per_node, dry_run):
 
 def _train(cfg, run_dir: Path, progress: bool, nproc: int, args: list[str]) -> None:
     from pipeline.parallel.distributed import launched_by_torchrun
+    from pipeline.run_dir import check_writable_run
     from pipeline.train import run
     from pipeline.trainer import Stopped
 
+    _guarded(check_writable_run, run_dir)  # before torchrun starts or a model loads
     if nproc > 1 and not launched_by_torchrun():
         if cfg.parallel.backend == "single":
             raise click.UsageError("--nproc-per-node > 1 needs parallel.backend=fsdp or zero3")
@@ -156,6 +159,10 @@ def _torchrun(nproc: int, args: list[str]) -> int:
 @nproc_option
 def resume(run_dir, overrides, no_progress, nproc_per_node):
     """Continue RUN_DIR from its latest complete checkpoint (same config unless overridden)."""
+    if not (run_dir / "config.yaml").is_file():
+        click.echo(f"Error: {run_dir} is not a run directory (no config.yaml): pass the "
+                   "directory that zopipe train or zopipe slurm submit printed", err=True)
+        sys.exit(1)
     cfg = _config(str(run_dir / "config.yaml"), overrides)
     args = ["resume", str(run_dir), *overrides] + ["--no-progress"] * no_progress
     _train(cfg, run_dir, not no_progress, nproc_per_node, args)
@@ -262,9 +269,11 @@ def compare(run_dirs, experiment, tracking_uri, metric, png):
     """Runs side by side: hyperparameters, accuracy, forwards, time; curves vs forward passes."""
     from pipeline.compare import compare as compare_runs
     from pipeline.compare import write_comparison_png
+    from pipeline.out_dirs import check_writable
 
     if not run_dirs and not experiment:
         raise click.UsageError("give run directories or --experiment NAME")
+    _guarded(check_writable, png.parent, "give --png a path you can write")
     table, rows = _guarded(compare_runs, list(run_dirs) or None, experiment, tracking_uri, metric)
     click.echo(table)
     if rows:

@@ -16,7 +16,10 @@ from pipeline import checkpoint
 from pipeline.config import load_config
 from pipeline.file_modes import follow_umask
 from pipeline.models.loading import load_tokenizer
+from pipeline.out_dirs import check_new
 from pipeline.run_dir import RunDirError
+
+NEW_OUT = "give --out a new (or empty) directory you can write in"
 
 
 def save_hf(model, name_or_path: str, out: Path) -> None:
@@ -58,6 +61,10 @@ def export_run(run_dir: Path, out: Path, adapter_only: bool = False) -> int:
         raise RunDirError(f"{run_dir} has no complete checkpoint to export")
     step, path = found
     cfg = unsharded(load_config(path / "config.yaml"))
+    check_new(out, NEW_OUT)
+    if adapter_only and cfg.method.name != "zoact" and cfg.method.tuning != "lora":
+        raise RunDirError(f"method {cfg.method.name} trains the model's own weights: it has no "
+                          "adapter to export alone (drop --adapter-only)")
     backend, method = build_model(cfg)
     checkpoint.load(path, backend.shards(), method)
     model = backend.model
@@ -75,8 +82,5 @@ def export_run(run_dir: Path, out: Path, adapter_only: bool = False) -> int:
 
             model = merged(model)  # a plain model
         # otherwise peft's save_pretrained writes the LoRA adapter alone
-    elif adapter_only:
-        raise RunDirError(f"method {cfg.method.name} trains the model's own weights: it has no "
-                          "adapter to export alone (drop --adapter-only)")
     save_hf(model, cfg.model.name_or_path, out)
     return step

@@ -13,10 +13,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.config import load_config
-from pipeline.export import save_hf, unsharded
+from pipeline.export import NEW_OUT, save_hf, unsharded
 from pipeline.metrics import read_jsonl
+from pipeline.out_dirs import check_new
 from pipeline.run_dir import RunDirError
-from pipeline.zo.methods.base import ReplayUnsupported
+
+# Their directions come from activations (AGZO's bases, ZO-Act's V), which the log does not carry.
+FROM_ACTIVATIONS = ("agzo", "zoact")
 
 
 def replay_run(run_dir: Path, out: Path | None = None, *, upto: int | None = None,
@@ -29,16 +32,16 @@ def replay_run(run_dir: Path, out: Path | None = None, *, upto: int | None = Non
     if not log.exists():
         raise RunDirError(f"{run_dir} has no update_log.jsonl to replay")
     cfg = unsharded(load_config(run_dir / "config.yaml"))
+    if cfg.method.name in FROM_ACTIVATIONS:
+        raise RunDirError(f"{cfg.method.name} runs cannot be replayed: their directions come from "
+                          "activations, which the update log does not carry. Use zopipe export "
+                          "on a checkpoint instead")
+    if out is not None:
+        check_new(out, NEW_OUT)
     backend, method = build_model(cfg)
-    if not hasattr(method, "replay"):
-        raise RunDirError(f"method {cfg.method.name} cannot be replayed from its log")
     records = [r for r in read_jsonl(log) if upto is None or r["step"] <= upto]
-    try:
-        for record in tqdm(records, desc="replay", unit="step", disable=not progress):
-            method.replay(record)
-    except ReplayUnsupported as exc:  # e.g. AGZO: its bases come from activations, not the log
-        raise RunDirError(f"{cfg.method.name} runs cannot be replayed: {exc}. Use zopipe export "
-                          "on a checkpoint instead") from None
+    for record in tqdm(records, desc="replay", unit="step", disable=not progress):
+        method.replay(record)
     if out is not None:
         save_hf(backend.model, cfg.model.name_or_path, out)
     return backend

@@ -9,6 +9,7 @@ harmless ones (more steps, another evaluation cadence, tracking) are allowed and
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 
 from pipeline import checkpoint
 from pipeline.config import JobConfig, build
+from pipeline.out_dirs import check_writable
 from pipeline.stopping import STOPPED_FILE
 
 HARMLESS = (
@@ -25,6 +27,7 @@ HARMLESS = (
     "train.max_nonfinite_steps", "model.device", "checkpoint.", "tracking.",
 )
 RUN_FILES = ("metrics.jsonl", "update_log.jsonl", "examples.jsonl")
+LOCK_FILE = ".lock"
 
 
 class RunDirError(ValueError):
@@ -58,6 +61,19 @@ def truncate_jsonl(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
+
+
+def check_writable_run(run_dir: Path) -> None:
+    """Raise unless this process can write ``run_dir`` and the files a run rewrites in place
+    there (a teammate's read-only run, say). Creates nothing: it runs before any model loads."""
+    fix = "use a run directory you can write in, or make this one writable (chmod -R u+w)"
+    check_writable(run_dir, fix)
+    rewritten = [run_dir / name for name in ("config.yaml", "summary.json", LOCK_FILE, *RUN_FILES)]
+    for path in [*rewritten, checkpoint.checkpoint_root(run_dir)]:
+        mode = os.W_OK | os.X_OK if path.is_dir() else os.W_OK
+        if path.exists() and not os.access(path, mode):
+            raise RunDirError(f"cannot write {path} (no write permission, or a read-only file "
+                              f"system); {fix}")
 
 
 def inspect_run(run_dir: Path, cfg: JobConfig) -> tuple[Path | None, list[str]]:

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ConfigError, JobConfig, load_config
+from pipeline.out_dirs import OutDirError, check_writable, created
 from pipeline.stopping import STOPPED_FILE
 
 SITE_ENV = "ZOPIPE_SLURM_SITE"
@@ -215,16 +216,22 @@ def default_run_dir(config: str | Path, overrides: list[str], sweep: bool,
 
 
 def submit(script: str, run_dir: Path) -> str:
-    """Create ``run_dir`` (SLURM opens the log there), ``sbatch`` the script; the job id."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Create ``run_dir`` (SLURM opens the log there), ``sbatch`` the script; the job id. A job
+    sbatch refuses leaves no run directory behind."""
     try:
-        proc = subprocess.run(["sbatch", "--parsable"], input=script, text=True,
-                              capture_output=True, check=False)
-    except FileNotFoundError as exc:
-        raise SlurmError("sbatch not found: run on a SLURM login node, or start the local "
-                         "one-node SLURM with sudo slurm/local/start.sh") from exc
-    if proc.returncode != 0:
-        raise SlurmError(f"sbatch refused the job: {proc.stderr.strip() or proc.stdout.strip()}")
+        check_writable(run_dir, "give --run-dir a directory you can write in")
+    except OutDirError as exc:
+        raise SlurmError(str(exc)) from None
+    with created(run_dir):
+        try:
+            proc = subprocess.run(["sbatch", "--parsable"], input=script, text=True,
+                                  capture_output=True, check=False)
+        except FileNotFoundError as exc:
+            raise SlurmError("sbatch not found: run on a SLURM login node, or start the local "
+                             "one-node SLURM with sudo slurm/local/start.sh") from exc
+        if proc.returncode != 0:
+            raise SlurmError(
+                f"sbatch refused the job: {proc.stderr.strip() or proc.stdout.strip()}")
     job_id = proc.stdout.strip().split(";")[0]
     (run_dir / JOB_ID_FILE).write_text(job_id + "\n")
     return job_id

@@ -36,9 +36,10 @@ def build_model(cfg: JobConfig):
 
 
 def build(cfg: JobConfig):
-    """Model, backend, method and data of a run."""
-    backend, method = build_model(cfg)
+    """Model, backend, method and data of a run. The data comes first: it needs only the
+    tokenizer, so a missing data set is reported before the model loads."""
     data = prepare(cfg.data, load_tokenizer(cfg.model.name_or_path))
+    backend, method = build_model(cfg)
     return backend, method, data
 
 

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import shutil
+import subprocess
 
 import pytest
 import yaml
@@ -32,13 +35,116 @@ def test_validate_and_print_config_of_the_demo():
     assert resolved["method"]["lr"] == 2e-6 and resolved["data"]["task"] == "rotten_tomatoes"
 
 
-def test_missing_data_dir_is_a_clear_error(tmp_path):
+def test_missing_data_dir_is_a_clear_error_and_leaves_no_run_directory(tmp_path):
     result = CliRunner().invoke(
         main, ["train", "jobs/demo.yaml", f"data.data_dir={tmp_path / 'nope'}",
-               "--run-dir", str(tmp_path / "run"), "--no-progress"]
+               "--run-dir", str(tmp_path / "runs" / "run"), "--no-progress"]
     )
     assert result.exit_code == 1
     assert "no such directory" in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []  # no run directory, no runs/, no lock file
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _error_line(result):
+    """The output of a refused command: exactly one ``Error:`` line (no traceback)."""
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output or result.exception
+    assert lines[0].startswith("Error: ")
+    return lines[0]
+
+
+def _make_read_only(path, request):
+    """``path`` made unwritable even for root, whom modes do not stop (chattr +i), else skip."""
+    if os.geteuid() == 0 and shutil.which("chattr"):
+        subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False)
+        request.addfinalizer(lambda: subprocess.run(["chattr", "-i", str(path)], check=False))
+    else:
+        mode = path.stat().st_mode
+        path.chmod(0o555 if path.is_dir() else 0o444)
+        request.addfinalizer(lambda: path.chmod(mode))
+    if os.access(path, os.W_OK):
+        pytest.skip("cannot make a path read-only here")
+
+
+def _run_config(tmp_path, *overrides):
+    """A demo config whose model does not exist: a command that loads it fails differently."""
+    printed = CliRunner().invoke(main, ["print-config", "jobs/demo.yaml",
+                                        f"model.name_or_path={tmp_path / 'no-model'}",
+                                        *overrides])
+    return printed.output
+
+
+@pytest.mark.parametrize("where", ["under a file", "inside a read-only directory",
+                                   "a read-only directory"])
+def test_a_run_directory_that_cannot_be_written_is_refused_before_anything_loads(
+        tmp_path, request, where):
+    (tmp_path / "a-file").write_text("")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    _make_read_only(read_only, request)
+    run_dir = {"under a file": tmp_path / "a-file" / "run",
+               "inside a read-only directory": read_only / "run",
+               "a read-only directory": read_only}[where]
+    before = _tree(tmp_path)
+    result = CliRunner().invoke(main, ["train", "jobs/demo.yaml",
+                                       f"model.name_or_path={tmp_path / 'no-model'}",
+                                       "--run-dir", str(run_dir)])
+    line = _error_line(result)  # the run directory's error, not the missing model's
+    assert "use a run directory you can write in" in line
+    assert ("a-file is not a directory" if where == "under a file" else
+            f"{read_only} (no write permission, or a read-only file system)") in line
+    assert _tree(tmp_path) == before
+
+
+def test_resume_is_refused_before_loading_when_the_run_files_cannot_be_written(tmp_path,
+                                                                               request):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(_run_config(tmp_path))
+    _make_read_only(run_dir / "config.yaml", request)  # a teammate's run, say
+    line = _error_line(CliRunner().invoke(main, ["resume", str(run_dir)]))
+    assert f"cannot write {run_dir / 'config.yaml'}" in line
+    assert _tree(tmp_path) == ["run", "run/config.yaml"]
+
+
+def test_resume_of_a_directory_that_is_not_a_run_is_one_line(tmp_path):
+    line = _error_line(CliRunner().invoke(main, ["resume", str(tmp_path)]))
+    assert line == (f"Error: {tmp_path} is not a run directory (no config.yaml): pass the "
+                    "directory that zopipe train or zopipe slurm submit printed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_replay_checks_its_output_and_method_before_loading(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "update_log.jsonl").write_text("")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("another model's weights\n")
+    (run_dir / "config.yaml").write_text(_run_config(tmp_path))
+    line = _error_line(CliRunner().invoke(main, ["replay", str(run_dir), "--out", str(out)]))
+    assert line == (f"Error: {out} is not empty; give --out a new (or empty) directory you can "
+                    "write in")
+    assert (out / "model.safetensors").read_text() == "another model's weights\n"
+
+    (run_dir / "config.yaml").write_text(_run_config(tmp_path, "method.name=zoact"))
+    line = _error_line(CliRunner().invoke(main, ["replay", str(run_dir), "--out",
+                                                 str(tmp_path / "new")]))
+    assert "zoact runs cannot be replayed" in line and "zopipe export" in line
+    assert not (tmp_path / "new").exists()
+
+
+def test_compare_checks_where_the_plot_goes_before_reading_runs(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "run").mkdir()
+    line = _error_line(CliRunner().invoke(main, ["compare", str(tmp_path / "run"), "--png",
+                                                 str(tmp_path / "a-file" / "c.png")]))
+    assert line == (f"Error: {tmp_path / 'a-file'} is not a directory; give --png a path you "
+                    "can write")
 
 
 @pytest.mark.slow

@@ -319,6 +319,44 @@ def test_checkpoint_files_follow_the_umask(reference):
     assert modes == dict.fromkeys(modes, want)
 
 
+def test_export_refuses_a_non_empty_out_and_a_missing_adapter_creating_nothing(reference,
+                                                                              tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("another model's weights\n")
+    code, text = finish(zopipe("export", str(reference), "--out", str(out)))
+    assert code == 1 and "Traceback" not in text, text
+    assert f"Error: {out} is not empty; give --out a new (or empty) directory" in text
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]
+    assert (out / "model.safetensors").read_text() == "another model's weights\n"
+    code, text = finish(zopipe("export", str(reference), "--out", str(tmp_path / "new"),
+                               "--adapter-only"))
+    assert code == 1 and "method mezo trains the model's own weights" in text, text
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_lock_and_no_directory(tmp_path):
+    from pipeline.run_lock import run_lock
+
+    class Failed(Exception):
+        pass
+
+    with pytest.raises(Failed), run_lock(tmp_path / "runs" / "run"):
+        raise Failed
+    assert list(tmp_path.iterdir()) == []  # neither the run directory nor runs/
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(Failed), run_lock(kept):
+        raise Failed
+    assert list(kept.iterdir()) == []  # the user's directory stays, as it was
+    with pytest.raises(Failed), run_lock(kept):
+        (kept / "config.yaml").write_text("a run began\n")
+        raise Failed
+    assert sorted(p.name for p in kept.iterdir()) == [".lock", "config.yaml"]
+    with run_lock(kept):  # the lock is free again
+        pass
+
+
 def test_a_second_process_on_a_run_directory_is_refused_and_a_killed_one_leaves_no_lock(
         tiny_job, tmp_path):
     run_dir = tmp_path / "run"

@@ -128,6 +128,20 @@ def test_render_refuses_bad_jobs_with_one_message(tmp_path):
     assert "cpus_per_rank: expected a non-negative integer" in proc.stderr
 
 
+def test_submit_without_sbatch_is_one_line_and_leaves_no_run_directory(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no sbatch on it
+    result = CliRunner().invoke(main, ["slurm", "submit", str(ROOT / "jobs/demo.yaml"),
+                                       "--run-dir", str(tmp_path / "runs" / "run")])
+    assert result.exit_code == 1, result.output or result.exception
+    assert result.output.startswith("Error: sbatch not found: run on a SLURM login node")
+    assert [p.name for p in tmp_path.iterdir()] == ["bin"]  # no run directory, no runs/
+
+
 def test_site_example_is_valid():
     from pipeline.slurm import load_site
 
@@ -293,6 +307,15 @@ def test_sweep_array_groups_child_runs_under_one_parent(local_slurm, job_args, t
     for task in (0, 1):
         run_id = (sweep_dir / f"task-{task}" / "mlflow_run_id").read_text().strip()
         assert run_id in {r.info.run_id for r in children}
+
+
+def test_a_refused_submit_leaves_no_run_directory(local_slurm, tmp_path):
+    run_dir = tmp_path / "runs" / "run"
+    proc = zopipe("slurm", "submit", "jobs/demo.yaml", "--partition", "no-such-partition",
+                  "--run-dir", run_dir, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("Error: sbatch refused the job:"), proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_local_slurm_scripts_refuse_without_root():

@@ -34,10 +34,19 @@ def model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def _unloadable(name_or_path: str, exc: OSError) -> ModelError:
+    return ModelError(
+        f"model.name_or_path={name_or_path!r} could not be loaded ({exc}). Give a local model "
+        f"directory, a hub id you can reach, or {DEMO_MODEL!r} for the packaged demo model")
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path(name_or_path))
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path(name_or_path))
+    except OSError as exc:
+        raise _unloadable(name_or_path, exc) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -59,10 +68,6 @@ def load_model(cfg, device: torch.device):
             return model.eval()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
     except OSError as exc:
-        raise ModelError(
-            f"model.name_or_path={cfg.name_or_path!r} could not be loaded ({exc}). Give a local "
-            f"model directory, a hub id you can reach, or {DEMO_MODEL!r} for the packaged demo "
-            "model"
-        ) from None
+        raise _unloadable(cfg.name_or_path, exc) from None
     model.requires_grad_(False)
     return model.eval().to(device)
