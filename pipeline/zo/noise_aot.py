@@ -12,9 +12,9 @@ generated C++ is the same inductor code ``torch.compile`` emits for :mod:`noise_
 A package is built the first time a signature is needed on a machine (about 15-20 s of CPU per
 signature; a run needs 1-4) and reused by every later process. The key holds the torch version,
 a hash of the kernels' source (:mod:`noise_math`, :mod:`rounding`: a change rebuilds) and of the
-CPU's flags (the code is built for the host's instruction set, so nodes of a cluster with other
-CPUs sharing one cache directory each get their own). Ranks starting together build once: the
-build runs under an exclusive ``flock`` and lands by rename.
+CPU's flags and ``ATEN_CPU_CAPABILITY`` (the code is built for the host's instruction set, so
+nodes of a cluster with other CPUs sharing one cache directory each get their own). Ranks
+starting together build once: the build runs under an exclusive ``flock`` and lands by rename.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def _cpu_flags() -> str:
 def cache_key() -> str:
     """The directory name of this machine's packages."""
     parts = [torch.__version__, platform.machine(), _cpu_flags(),
+             os.environ.get("ATEN_CPU_CAPABILITY", ""),  # inductor vectorises for it
              inspect.getsource(noise_math), inspect.getsource(rounding)]
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     return f"torch-{torch.__version__.replace('+', '-')}-{digest}"
