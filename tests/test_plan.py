@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -151,6 +152,43 @@ def test_dry_run_of_13b_recipes(recipe, forwards, bases, gathered):
         # the writes of +εz and -εz for the gathers, and the update, each regenerate z once
         assert run["distinct"] == run["rank_blocks"][0]
         assert run["drawn"] == 3 * run["rank_blocks"][0]
+
+
+def _tensor_bytes(model) -> int:
+    """Bytes of every distinct parameter of a loaded model, with a 4-bit weight's quantization
+    state (its absmax, the nested absmax and their code tables)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        state = getattr(p, "quant_state", None)
+        parts = [p]
+        if state is not None:
+            parts += [state.absmax, state.code]
+            if state.nested:
+                parts += [state.offset, state.state2.absmax, state.state2.code]
+        total += sum(t.numel() * t.element_size() for t in parts)
+    return total
+
+
+@pytest.mark.parametrize("job, overrides", [
+    ("jobs/demo.yaml", ["model.dtype=fp32"]),
+    ("jobs/demo.yaml", ["model.dtype=bf16"]),
+    ("jobs/zoact.yaml", ["model.dtype=bf16", "model.quantization=nf4",
+                         "model.trainable=[model.norm.weight]"]),
+])
+def test_plan_weights_line_is_the_loaded_demo_models_tensor_bytes(job, overrides):
+    """The planner's weights line against the bytes of the demo model as the pipeline loads it
+    (the sharded lines are checked against a dry run's real shards in
+    test_dry_run_of_13b_recipes)."""
+    from pipeline.assets import ensure_assets
+    from pipeline.models.loading import load_model
+
+    model_dir = ensure_assets(progress=False).model_dir
+    cfg = load_config(ROOT / job, [f"model.config_for_planning={model_dir}", *overrides])
+    planned = make_plan(cfg).memory["single"]["weights"]
+    assert planned == _tensor_bytes(load_model(cfg.model, torch.device("cpu")))
 
 
 def test_plan_cli_prints_memory_and_verdict():
