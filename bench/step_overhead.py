@@ -9,7 +9,8 @@ Each method runs in its own processes, after one warm-up step (the noise kernel 
 there); forwards and steps are timed interleaved and the fastest of each is kept (this machine
 is shared: the fastest run is the least disturbed one). ``--timing-json`` (one method, used by
 bench/sharded_overhead.py under torchrun) times forward and step and, with several ranks,
-counts the bytes one step sends beyond its forwards.
+counts the bytes one step sends beyond what its forwards' parameter gathers send as inference
+does (:mod:`pipeline.parallel.comm_count`: inside the forwards too).
 
 Usage: python bench/step_overhead.py [JOB.yaml] [key=value ...] [--methods mezo,bszo,...]
        [--cache-noise] [--repeats 3]
@@ -26,7 +27,7 @@ import time
 import torch
 
 from pipeline.config import load_config
-from pipeline.parallel.comm_count import counting, summary
+from pipeline.parallel.comm_count import beyond_forwards, recording, summary
 from pipeline.train import build
 from pipeline.zo.methods import METHODS, StepContext
 
@@ -76,10 +77,13 @@ def timing(args) -> None:
         fwd += _time(lambda: backend.loss(batch), device, 1)
         step += _time(one_step, device, 1)
     comm = {}
-    if backend.world_size > 1:
-        with counting(backend) as calls:
+    if backend.world_size > 1:  # the backend has settled: the timed forwards and steps ran
+        with recording() as forward:
+            backend.loss(batch)
+        with recording() as calls:
             one_step()
-        comm = summary(calls)
+        extra, _ = beyond_forwards(calls, forward, stats[-1].forwards)
+        comm = summary(extra, forward, stats[-1].forwards)
     if backend.rank == 0:
         print(json.dumps({"forward": min(fwd), "step": min(step),
                           "forwards": stats[-1].forwards, "world_size": backend.world_size,

@@ -6,8 +6,10 @@ the real ones. The memory figures are arithmetic over those shapes, per rank, fo
 - **weights**: this rank's share in the storage dtype. ZeRO-3 holds ``ceil(N / W)`` elements of
   every parameter (its partition, padding included); FSDP2 ``ceil(d0 / W)`` rows (rank 0 holds
   the most); single, everything. NF4 (``model.quantization: nf4``): the ``nn.Linear`` weights of the
-  transformer blocks take 4 bits plus one fp32 absmax per 64 values (bitsandbytes without double
-  quantization); the rest stays 16-bit.
+  transformer blocks take what bitsandbytes stores for them as :mod:`pipeline.models.quantization`
+  loads them (double quantization): 4 bits per value, an 8-bit absmax per block of 64 values, an
+  fp32 absmax per 256 blocks, and per layer the two code tables and an offset; the rest stays
+  in the storage dtype. This equals the tensor bytes of the loaded demo model (tested).
 - **gathered for the forward**: full parameters alive during a forward. FSDP2 keeps the root
   unit (embeddings, final norm, LM head) gathered for the whole forward plus two blocks (the
   running one and the prefetched next); ZeRO-3 gathers module by module, about two blocks, or one
@@ -22,7 +24,9 @@ the real ones. The memory figures are arithmetic over those shapes, per rank, fo
 - **activations**: a forward without autograd keeps one block's activations at a time:
   ``b·T·(6h + 3f)`` values for micro-batch ``b`` (training or evaluation, the larger), ``T =
   data.max_length``, hidden ``h`` and MLP width ``f``, plus the fp32 logits of the kept position
-  (the loss reads one position per row for single-token candidates).
+  (the loss reads one position per row for single-token candidates). ZO-Act on a 16-bit or
+  4-bit base keeps them in fp32 (4 bytes) and upcasts one weight piece of at most
+  :data:`~pipeline.models.fp32_flow.CHUNK_BYTES` at a time (:mod:`pipeline.models.fp32_flow`).
 - **runtime**: CUDA context, NCCL buffers and allocator slack, an assumed 1.5 GiB.
 
 The verdict compares the total with the GPU memory: ``fits`` up to 90 %, ``tight`` up to 100 %.
@@ -51,6 +55,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.models.fp32_flow import CHUNK_BYTES as FLOW_CHUNK_BYTES
 from pipeline.models.meta import hf_config, meta_model, planning_config_dir
 from pipeline.models.selection import select_trainable
 from pipeline.models.sharded_load import CHUNK_BYTES
@@ -59,7 +64,9 @@ from pipeline.zo.activations import per_rank_cap
 
 GiB = 1024**3
 RUNTIME_BYTES = int(1.5 * GiB)
-NF4_BYTES = 0.5 + 4 / 64  # 4-bit code + an fp32 absmax per block of 64
+NF4_BLOCK = 64  # values per absmax (bitsandbytes' default blocksize for 4-bit weights)
+NF4_NESTED_BLOCK = 256  # absmax values per fp32 scale of the double quantization
+NF4_LAYER_BYTES = (16 + 256 + 1) * 4  # fp32 code tables (NF4's, the absmax's) and absmax offset
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 BACKENDS = ("zero3", "fsdp", "single")
 FP32_MOMENTS = ("zo_adam", "zo_sgd_mmt")  # methods whose state is fp32 per trainable element
@@ -197,12 +204,15 @@ def _method_state(cfg, model, params: list[Param], backend: str, world: int,
     return 0, None
 
 
+def nf4_bytes(numel: int) -> int:
+    """Bytes of one NF4 weight of ``numel`` values with its quantization state."""
+    blocks = -(-numel // NF4_BLOCK)
+    return -(-numel // 2) + blocks + 4 * -(-blocks // NF4_NESTED_BLOCK) + NF4_LAYER_BYTES
+
+
 def _weights(params: list[Param], backend: str, world: int, dtype_bytes: int, nf4: bool) -> int:
-    total = 0.0
-    for p in params:
-        per = NF4_BYTES if nf4 and p.quantizable else dtype_bytes
-        total += p.local(backend, world) * per
-    return int(total)
+    return sum(nf4_bytes(p.local(backend, world)) if nf4 and p.quantizable
+               else p.local(backend, world) * dtype_bytes for p in params)
 
 
 def _gathered(params: list[Param], backend: str, dtype_bytes: int) -> int:
@@ -268,7 +278,10 @@ def make_plan(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None
     hidden, mlp, vocab = _widths(hf_cfg, model)
     micro = max(-(-cfg.train.batch_size // world), -(-cfg.train.eval_batch_size // world))
     tokens = cfg.data.max_length
-    activations = micro * tokens * (6 * hidden + 3 * mlp) * act_bytes + 2 * micro * vocab * 4
+    # ZO-Act on a 16-bit or 4-bit base runs its forwards in fp32 from the first adapted layer on
+    flow = cfg.method.name == "zoact" and (quant is not None or dtype_bytes < 4)
+    activations = (micro * tokens * (6 * hidden + 3 * mlp) * (4 if flow else act_bytes)
+                   + 2 * micro * vocab * 4 + (FLOW_CHUNK_BYTES if flow else 0))
 
     _, coefficients = _method_state(cfg, model, params, "single", 1, act_bytes)
     plan = Plan(

@@ -129,3 +129,22 @@ def run_method_ranks(out, nproc: int, backend: str, job: str, overrides: list[st
         cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd]
     subprocess.run([sys.executable, *cmd], check=True, timeout=600)
     return [torch.load(p, weights_only=False) for p in sorted(Path(out).glob("rank*.pt"))]
+
+
+def count_step_collectives(out, backend: str, overrides: list[str], *flags: str) -> dict:
+    """Rank 0's record of ``tests/workers/count_collectives.py`` (one step of jobs/demo.yaml with
+    ``overrides``) on 2 gloo ranks."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "workers" / "count_collectives.py"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(worker), str(out), "jobs/demo.yaml", *overrides, f"parallel.backend={backend}",
+         "tracking.enabled=false", *flags],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(Path(out).read_text())

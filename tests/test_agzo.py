@@ -1,6 +1,6 @@
 """AGZO (activation-guided ZO): the captured rows, the basis, the estimator, restore, sharding.
 
-The 2-rank test runs tests/workers/method_steps.py under torchrun.
+The 2-rank tests run tests/workers/method_steps.py and count_collectives.py under torchrun.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import record_reductions, run_method_ranks
+from conftest import count_step_collectives, record_reductions, run_method_ranks
 
 from pipeline.config import MethodConfig
 from pipeline.models.objective import batch_loss
@@ -328,6 +328,40 @@ def test_two_ranks_share_bitwise_bases_and_track_one_process(backend, tiny_model
     assert max(abs(x - y) for x, y in zip(r0["loss"], one["loss"])) < 1e-5
     assert max(abs(x[0] - y[0]) for x, y in zip(r0["grad"], one["grad"])) < 1e-2
 
+
+# what the dry run maps to what the process group runs (tensor and list forms of one collective)
+PROCESS_GROUP_OP = {"all_to_all_single": "all_to_all", "all_gather_into_tensor": "all_gather"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+def test_dry_run_sends_what_a_real_two_rank_step_sends(backend, tiny_model_dir, tmp_path):
+    """A dry run (fake group of 2) and a real 2-rank step of jobs/agzo.yaml send the same
+    collectives beyond the forwards' gathers: K = 3 basis reductions per distinct layer input,
+    q/k/v and gate/up sharing theirs (4 inputs per block, 2 blocks), then the 2 losses. The dry
+    run once fed every layer its own input (6 per block), which a real run never does."""
+    import subprocess
+    import sys
+
+    small = [f"model.name_or_path={tiny_model_dir}", "data.n_train=64", "data.n_val=16",
+             "data.n_test=32", "train.batch_size=8", "method.lr=1e-3", "method.name=agzo",
+             "method.two_sided=false", "method.agzo_iters=3"]
+    real = count_step_collectives(tmp_path / "calls.json", backend, small)
+    assert real["missing"] == []
+    sent = [(c["op"], c["numel"]) for c in real["extra"]]
+    widths = [16, 16, 16, 32]  # the tiny model's inputs per block: attention, o, MLP, down
+    assert sent == [("all_gather", w) for w in widths for _ in range(3)] * 2 + [("all_gather", 2)]
+
+    dry = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "jobs/demo.yaml", *small,
+                          f"parallel.backend={backend}", "parallel.gpus_per_node=2",
+                          "--dry-run"], capture_output=True, text=True, timeout=600)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    lines = [x.strip() for x in dry.stdout.splitlines() if x.endswith(" elements")]
+    counted = []
+    for line in lines:
+        op, numel = line.removesuffix(" elements").split(": ")
+        counted.append((PROCESS_GROUP_OP.get(op, op), int(numel.replace(",", ""))))
+    assert counted == sent
 
 
 def test_basis_columns_have_a_canonical_sign():

@@ -7,18 +7,13 @@ magnifies to ~1e-4. The ranks run tests/workers/method_steps.py (and count_colle
 BSZO's communication).
 """
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_method_ranks
+from conftest import count_step_collectives, run_method_ranks
 
 pytestmark = pytest.mark.slow
 BACKENDS = ["fsdp", "zero3"]
-WORKERS = Path(__file__).parent / "workers"
 STEPS = 3
 METHOD = {
     "bszo": ["method.name=bszo"],
@@ -90,18 +85,12 @@ def test_bszo_posterior_bitwise_on_both_ranks_and_tracks_one_process(backend, sm
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bszo_communicates_at_most_k_plus_1_scalars_per_step(backend, small, tmp_path):
-    out = tmp_path / "calls.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(WORKERS / "count_collectives.py"), str(out), "jobs/demo.yaml", *small,
-         *METHOD["bszo"], "method.bszo_k=2", f"parallel.backend={backend}",
-         "tracking.enabled=false"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    calls = [c for c in json.loads(out.read_text()) if not c["in_forward"]]
-    # Alg. 1 (m = k + 1): L0 and the k axis losses in one all-gather of k + 1 = 3 scalars
-    assert calls == [{"op": "all_gather", "numel": 3, "bytes": 24, "in_forward": False}]
+    record = count_step_collectives(tmp_path / "calls.json", backend,
+                        [*small, *METHOD["bszo"], "method.bszo_k=2"])
+    # Alg. 1 (m = k + 1): L0 and the k axis losses in one all-gather of k + 1 = 3 scalars, and
+    # nothing else beyond the 3 forwards' parameter gathers
+    assert record["forwards"] == 3 and record["missing"] == []
+    assert record["extra"] == [{"op": "all_gather", "numel": 3, "bytes": 24}]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -118,9 +119,9 @@ DRY = textwrap.dedent("""
 @pytest.mark.parametrize("recipe, forwards, bases, gathered", [
     ("opt-13b-mezo-fp16-zero3", 2, 0, 2),  # MeZO: L+ and L-, one all-gather of both
     ("opt-13b-bszo-bf16-fsdp", 3, 0, 3),  # BSZO k=2: L0, L1, L2, one all-gather of k+1
-    # AGZO: K=3 basis reductions per layer input (each of the 6 linears of 40 blocks gets its
-    # own input in a dry run), then L0 and L+
-    ("opt-13b-agzo-bf16-zero3", 2, 3 * 40 * 6, 2),
+    # AGZO: K=3 basis reductions per distinct layer input, 4 in each of the 40 blocks (q/k/v
+    # share theirs, out_proj, fc1, fc2: as in a real forward), then L0 and L+
+    ("opt-13b-agzo-bf16-zero3", 2, 3 * 40 * 4, 2),
 ])
 def test_dry_run_of_13b_recipes(recipe, forwards, bases, gathered):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -144,13 +145,50 @@ def test_dry_run_of_13b_recipes(recipe, forwards, bases, gathered):
     assert ops == ["all_to_all_single", "all_gather_into_tensor"] * bases + ["all_gather"]
     assert run["collectives"][-1]["numel"] == gathered
     if bases:
-        # AGZO's basis products: r = 1 value per input feature of every hooked linear layer
+        # AGZO's basis products: r = 1 value per input feature of each distinct layer input
         basis = [c["numel"] for c in run["collectives"][:-1:2]]
-        assert set(basis) <= {5120, 20480} and sum(basis) == 3 * 40 * (5 * 5120 + 20480)
+        assert basis == [n for n in (5120, 5120, 5120, 20480) for _ in range(3)] * 40
     if recipe.startswith("opt-13b-mezo"):
         # the writes of +εz and -εz for the gathers, and the update, each regenerate z once
         assert run["distinct"] == run["rank_blocks"][0]
         assert run["drawn"] == 3 * run["rank_blocks"][0]
+
+
+def _tensor_bytes(model) -> int:
+    """Bytes of every distinct parameter of a loaded model, with a 4-bit weight's quantization
+    state (its absmax, the nested absmax and their code tables)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        state = getattr(p, "quant_state", None)
+        parts = [p]
+        if state is not None:
+            parts += [state.absmax, state.code]
+            if state.nested:
+                parts += [state.offset, state.state2.absmax, state.state2.code]
+        total += sum(t.numel() * t.element_size() for t in parts)
+    return total
+
+
+@pytest.mark.parametrize("job, overrides", [
+    ("jobs/demo.yaml", ["model.dtype=fp32"]),
+    ("jobs/demo.yaml", ["model.dtype=bf16"]),
+    ("jobs/zoact.yaml", ["model.dtype=bf16", "model.quantization=nf4",
+                         "model.trainable=[model.norm.weight]"]),
+])
+def test_plan_weights_line_is_the_loaded_demo_models_tensor_bytes(job, overrides):
+    """The planner's weights line against the bytes of the demo model as the pipeline loads it
+    (the sharded lines are checked against a dry run's real shards in
+    test_dry_run_of_13b_recipes)."""
+    from pipeline.assets import ensure_assets
+    from pipeline.models.loading import load_model
+
+    model_dir = ensure_assets(progress=False).model_dir
+    cfg = load_config(ROOT / job, [f"model.config_for_planning={model_dir}", *overrides])
+    planned = make_plan(cfg).memory["single"]["weights"]
+    assert planned == _tensor_bytes(load_model(cfg.model, torch.device("cpu")))
 
 
 def test_plan_cli_prints_memory_and_verdict():

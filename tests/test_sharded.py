@@ -1,14 +1,13 @@
 """Sharded ZO on 2 gloo ranks: FSDP2 and DeepSpeed ZeRO-3 against the single-process run."""
 
-import json
 import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import count_step_collectives
 from safetensors.torch import load_file
 
 from pipeline import checkpoint
@@ -17,7 +16,6 @@ from pipeline.parallel.check import run_check
 
 BACKENDS = ["fsdp", "zero3"]
 pytestmark = pytest.mark.slow
-WORKERS = Path(__file__).parent / "workers"
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +136,19 @@ def test_bf16_without_masters_resumes_bitwise_on_2_zero3_ranks(small, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_step_communicates_one_collective_of_a_few_scalars(backend, small, tmp_path):
-    out = tmp_path / "calls.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(WORKERS / "count_collectives.py"), str(out), "jobs/demo.yaml", *small,
-         f"parallel.backend={backend}", "tracking.enabled=false"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    calls = [c for c in json.loads(out.read_text()) if not c["in_forward"]]
-    assert calls == [{"op": "all_gather", "numel": 2, "bytes": 16, "in_forward": False}]
+    """Everything the process group ran in the step, inside its forwards too, is 2 plain
+    forwards' parameter gathers plus one all-gather of the two losses."""
+    record = count_step_collectives(tmp_path / "calls.json", backend, small)
+    assert record["forwards"] == 2 and record["forward"]  # the backend gathers in a forward
+    assert all(c["op"] == "all_gather" for c in record["forward"])
+    assert record["extra"] == [{"op": "all_gather", "numel": 2, "bytes": 16}]
+    assert record["missing"] == []
+    assert len(record["step"]) == 2 * len(record["forward"]) + 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_parameter_gathered_inside_a_loss_is_counted(backend, small, tmp_path):
+    record = count_step_collectives(tmp_path / "calls.json", backend, small, "--stray-gather")
+    embedding = 49152 * 16 // 2  # rank 0's half of the tiny model's embedding, the first shard
+    stray = {"op": "all_gather", "numel": embedding, "bytes": 4 * embedding}
+    assert record["extra"] == [stray, stray, {"op": "all_gather", "numel": 2, "bytes": 16}]

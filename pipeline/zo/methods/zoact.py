@@ -18,12 +18,14 @@ Calibration ("init, once"). Design: the unperturbed forwards ``L0`` of the first
 most ``zoact_max_rows`` over all calibration batches and ranks, sampled with the calibration
 seed). Steps ``0..n-2`` only record (1 forward, no update, logged with ``calibrating: true``);
 at step ``n-1`` ``V`` is computed right after that step's ``L0`` forward, the adapters are
-attached with ``C = 0`` (which leaves the outputs bitwise unchanged, so that ``L0`` is ``L(C=0)``)
-and the step trains ``C`` as every later one. Why: the method only sees each step's batch, and
-this uses ``n`` distinct training batches (the ones the trainer serves first, each rank its own
-micro-batch) with no trainer support and no extra forward; it costs ``n - 1`` steps without an
-update (1 forward each). :meth:`ZOAct.calibrate` does the same on explicit batches (tests, or a
-trainer that prefers to calibrate before step 0).
+attached with ``C = 0`` (on an fp32 base this leaves the outputs bitwise unchanged, so that
+``L0`` is ``L(C=0)``; on a 16-bit or 4-bit base the adapted model runs in fp32 from the first
+adapted layer on (:mod:`pipeline.models.adapters`), so ``L(C=0)`` is measured once more, one extra
+forward in that step) and the step trains ``C`` as every later one. Why: the method only sees
+each step's batch, and this uses ``n`` distinct training batches (the ones the trainer serves
+first, each rank its own micro-batch) with no trainer support and no extra forward on an fp32
+base; it costs ``n - 1`` steps without an update (1 forward each). :meth:`ZOAct.calibrate` does
+the same on explicit batches (tests, or a trainer that prefers to calibrate before step 0).
 
 ``V`` is computed by subspace iteration on the captured rows (block of ``r + 4`` columns,
 ``zoact_calib_iters`` iterations, then a Rayleigh–Ritz step so the columns are the ordered
@@ -74,6 +76,7 @@ import torch
 
 from pipeline.heap import release_free_memory
 from pipeline.models.adapters import CoefficientAdapter
+from pipeline.models.fp32_flow import Fp32Flow
 from pipeline.zo.activations import RowCapture, linear_modules, per_rank_cap, subspace_bases
 from pipeline.zo.directions import f32
 from pipeline.zo.methods.base import StepContext, StepStats
@@ -96,6 +99,7 @@ class ZOAct:
         self.C: dict[str, torch.Tensor] = {}
         self.optimizer: torch.optim.Adam | None = None
         self.adapters: dict[str, CoefficientAdapter] = {}
+        self._flow: Fp32Flow | None = None
         self._capture: RowCapture | None = None
         self._seen = 0
 
@@ -160,12 +164,17 @@ class ZOAct:
         modules = dict(model.named_modules())
         self.adapters = {n: CoefficientAdapter(modules[n], self.V[n], self.C[n]).attach()
                          for n in self.names}
+        if any(modules[n].weight.dtype != torch.float32 for n in self.names):
+            self._flow = Fp32Flow(model).attach()  # the adapters' fp32 outputs run on in fp32
 
     def detach(self) -> None:
         """Remove the adapters' hooks (the model is then the frozen base model again)."""
         for adapter in self.adapters.values():
             adapter.detach()
         self.adapters = {}
+        if self._flow is not None:
+            self._flow.detach()
+            self._flow = None
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -185,12 +194,16 @@ class ZOAct:
 
     def step(self, ctx: StepContext) -> StepStats:
         backend = ctx.backend
+        recomputed = 0
         if not self.calibrated:
             l0 = self._observe(backend, ctx.batch, ctx.run_seed)
             if self._seen < self.cfg.zoact_calib_batches:
                 loss = backend.all_reduce_mean(l0.reshape(1)).item()
                 return StepStats(loss, [], 1, [], extra={"calibrating": True})
             self._finish(backend, ctx.run_seed)
+            if self._flow is not None:  # L(C = 0) again, in the fp32 arithmetic of the probes
+                l0 = backend.loss(ctx.batch)
+                recomputed = 1
         else:
             self._attach(backend.model)
             l0 = backend.loss(ctx.batch)
@@ -201,7 +214,7 @@ class ZOAct:
             local.append(backend.loss(ctx.batch))
         self._set(None)
         losses = backend.all_reduce_mean(torch.stack(local)).tolist()
-        forwards = len(local)
+        forwards = len(local) + recomputed
         if not all(math.isfinite(v) for v in losses):
             return StepStats(math.nan, [math.nan] * len(seeds), forwards, seeds, skipped=True)
         grads = [(f - losses[0]) / self.cfg.eps for f in losses[1:]]

@@ -1,0 +1,106 @@
+"""fp32 activations through a 16-bit or 4-bit model, without an fp32 copy of its weights.
+
+ZO-Act's probe changes a layer's output by ``μ C' Vᵀ x``: added to a bf16 output, a change that
+small is rounded to the output's precision and, further on, at every bf16 layer it passes, so the
+loss difference that measures it is mostly rounding (:mod:`pipeline.models.adapters`). The
+adapter therefore returns its output in fp32, and :class:`Fp32Flow`, attached to the model's
+root, lets fp32 activations run on through the model's 16-bit (and 4-bit) layers in fp32:
+
+- a function where a parameter meets an activation (``linear``, the norms, ``matmul``,
+  attention) and that gets fp32 and 16-bit floating tensors together computes in fp32: the 16-bit
+  ones are upcast for that call only (a transient fp32 copy of at most one weight, a linear
+  layer's cut into row chunks of :data:`CHUNK_BYTES`); elementwise ops already promote;
+- a bitsandbytes 4-bit layer computes in fp32 (its ``compute_dtype``), so it does not round its
+  input back to 16 bits; it then also keeps its bias (if any) in fp32, bitsandbytes' own cast.
+
+Layers before the first fp32 activation run as before. Costs: activations from the first adapted
+layer on are fp32 (2x their 16-bit size, one block's at a time without autograd) and the matmuls
+there are fp32 (on a GPU they forgo the 16-bit tensor cores: slower). An ``int8`` base rounds each
+layer's input to fp16 inside bitsandbytes' int8 matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+CHUNK_BYTES = 64 * 2**20  # the largest transient fp32 weight piece of a linear layer
+LOW = (torch.bfloat16, torch.float16)
+MEET = {F.linear, F.layer_norm, F.group_norm, F.rms_norm, F.scaled_dot_product_attention,
+        torch.matmul, torch.bmm, torch.baddbmm, torch.addmm, torch.Tensor.__matmul__}
+
+
+def _dtypes(values) -> set[torch.dtype]:
+    return {v.dtype for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def _up(value):
+    if isinstance(value, torch.Tensor) and value.dtype in LOW:
+        return value.float()
+    return value
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` in fp32 with the weight upcast ``CHUNK_BYTES`` of rows at a time."""
+    rows = max(1, CHUNK_BYTES // (4 * weight.shape[-1]))
+    weights = weight.split(rows)
+    biases = [None] * len(weights) if bias is None else bias.split(rows)
+    pieces = [F.linear(x, _up(w), _up(b)) for w, b in zip(weights, biases)]
+    if len(pieces) == 1:
+        return pieces[0]
+    return torch.cat(pieces, dim=-1)
+
+
+class _Mode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in MEET:
+            dtypes = _dtypes([*args, *kwargs.values()])
+            if torch.float32 in dtypes and dtypes & set(LOW):
+                if func is F.linear:
+                    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                    return _linear(args[0], args[1], bias)
+                args = tuple(_up(a) for a in args)
+                kwargs = {k: _up(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+class Fp32Flow:
+    """Root hooks that run every forward of ``model`` under the fp32 rules above; 4-bit layers
+    compute in fp32 while attached."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self._four_bit = {m: m.compute_dtype for m in model.modules()
+                          if hasattr(m, "compute_dtype") and hasattr(m.weight, "quant_state")}
+        self._modes: list[_Mode] = []
+        self._handles = []
+
+    def attach(self) -> Fp32Flow:
+        if not self._handles:
+            for layer in self._four_bit:
+                layer.compute_dtype = torch.float32
+            self._handles = [
+                self.model.register_forward_pre_hook(self._enter),
+                self.model.register_forward_hook(self._exit, always_call=True),
+            ]
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for layer, dtype in self._four_bit.items():
+            layer.compute_dtype = dtype
+
+    def _enter(self, module, args):
+        del module, args
+        mode = _Mode()
+        mode.__enter__()
+        self._modes.append(mode)
+
+    def _exit(self, module, args, output):
+        del module, args
+        self._modes.pop().__exit__(None, None, None)
+        return output
