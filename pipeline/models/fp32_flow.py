@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-CHUNK_BYTES = 64 * 2**20  # the largest transient fp32 weight piece of a linear layer
+CHUNK_BYTES = 16 * 2**20  # the largest transient fp32 weight piece of a linear layer
 LOW = (torch.bfloat16, torch.float16)
 MEET = {F.linear, F.layer_norm, F.group_norm, F.rms_norm, F.scaled_dot_product_attention,
         torch.matmul, torch.bmm, torch.baddbmm, torch.addmm, torch.Tensor.__matmul__}
