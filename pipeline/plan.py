@@ -148,7 +148,7 @@ def _blocks(model) -> list[torch.nn.Module]:
 def inventory(model, patterns: list[str]) -> list[Param]:
     block_of = {id(p): i for i, b in enumerate(_blocks(model)) for p in b.parameters()}
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    trainable = {n for n, _ in select_trainable(model, patterns)}
+    trainable = {n for n, _ in select_trainable(model, patterns)} if patterns else set()
     return [Param(n, tuple(p.shape), block_of.get(id(p)), id(p) in linear and id(p) in block_of,
                   n in trainable)
             for n, p in model.named_parameters()]
@@ -270,7 +270,8 @@ def make_plan(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None
                         "--nodes 1 --gpus-per-node 1 or parallel.backend=fsdp/zero3")
     hf_cfg = hf_config(cfg.model)
     model = meta_model(cfg.model, hf_cfg)
-    params = inventory(model, cfg.model.trainable)
+    # LoRA adapters and ZO-Act's coefficients are not model weights: model.trainable plays no part
+    params = inventory(model, cfg.model.trainable if cfg.method.tuning == "full" else [])
     quant = getattr(cfg.model, "quantization", None)
     quant = None if quant in (None, "none") else quant
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]

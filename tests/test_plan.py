@@ -200,6 +200,14 @@ def test_plan_cli_prints_memory_and_verdict():
     assert "zero3*" in result.output and "fits" in result.output
 
 
+def test_plan_of_a_zoact_job_whose_model_weights_are_all_frozen():
+    """jobs/zoact.yaml trains no model weight (``model.trainable: []``): the plan counts C only."""
+    result = CliRunner().invoke(main, ["plan", "jobs/zoact.yaml",
+                                       "model.config_for_planning=jobs/models/opt-13b"])
+    assert result.exit_code == 0, result.output
+    assert "12.853 B total" in result.output and "M trainable (ZO-Act coefficients" in result.output
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["model.config_for_planning=jobs/models/nope"], 1, "model.config_for_planning="),
     (["model.config_for_planning=null"], 1, "model.config_for_planning is not set"),
