@@ -34,10 +34,11 @@ P4. ``θ ← θ - η (c Δ + λθ)`` (λ = ``weight_decay``, skipped for biases 
 transfer from MeZO. Forwards: 2 per step, ``2 + 2q`` on refresh steps.
 
 Sharding. A rank holding flat elements ``[a, a+n)`` of a weight forms only that slice of ``Ĝ``
-(R2) and of ``Δ``: ``U Z`` (out, r) is computed once per step from replicated factors, and the
-slice of ``(U Z) Vᵀ`` comes from row chunks aligned to a global grid of rows (:func:`row_pieces`),
-each chunk one matmul of the same shape on whichever rank computes it, so a direction element is
-bitwise the same at any world size given the same factors.
+(R2) and of ``Δ``: the slice of ``U Z Vᵀ`` comes from row chunks aligned to a global grid of
+rows (:func:`row_pieces`), ``(U_chunk Z) Vᵀ``: ``U Z`` is formed chunk by chunk, never whole
+(``r/in`` more arithmetic than from a stored ``U Z``, no ``out·r`` buffer per weight), each chunk
+by matmuls of the same shapes on whichever rank computes it, so a direction element is bitwise the
+same at any world size given the same factors.
 
 Communication. Per step: one all-gather of the 2 loss scalars (``L+``, ``L-``), averaged in
 float64 in rank order. Per refresh: one all-gather of the ``2q`` probe losses, then per 2-D
@@ -45,9 +46,10 @@ weight ``2 + 2·power_iters`` all-reduces of ``out·k`` or ``in·k`` float64 val
 (``k = min(r + 10, out, in)``); no layer is gathered.
 
 Memory. Per weight, ``V`` (fp32, ``in·r``, the same on every rank: every row of ``Δ`` needs all of
-it), ``S`` (float64) and only the rows of ``U`` (and of ``U Z``) that this rank's slice of the
-weight touches, rounded out to whole chunks of :func:`row_pieces` (fp32, ``rows·r``): ``U`` is
-sharded like the weight, about ``out·r / W`` per rank. During a refresh, one block of ``Ĝ``
+it), ``S`` (float64), the step's core ``Z`` (fp32, ``r·r``) and only the rows of ``U`` that this
+rank's slice of the weight touches, rounded out to whole chunks of :func:`row_pieces` (fp32,
+``rows·r``): ``U`` is sharded like the weight, about ``out·r / W`` per rank. A refresh drops the
+old factors before fitting the new ones. During a refresh, one block of ``Ĝ``
 (about ``BLOCK`` rows' worth) and the range finder's thin ``(out or in)·(r+10)`` float64
 products of one layer. The price: each of the range finder's ``2 + 2·power_iters`` passes
 regenerates the ``q`` probes' noise over the rank's slice (``q·(2 + 2·power_iters)`` dense
@@ -127,14 +129,16 @@ def owned_rows(shape: tuple[int, int], start: int, numel: int) -> tuple[int, int
 
 
 def row_pieces(a: torch.Tensor, b: torch.Tensor, start: int, numel: int, row0: int = 0,
-               out: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(offset, piece)`` covering flat elements ``[start, start+numel)`` of ``a bᵀ``, where
-    ``a`` holds rows ``[row0, row0 + len(a))`` of an ``out``-row matrix (all of it by default).
+               out: int | None = None, core: torch.Tensor | None = None
+               ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(offset, piece)`` covering flat elements ``[start, start+numel)`` of ``a bᵀ`` (of
+    ``a core bᵀ`` with a square ``core``), where ``a`` holds rows ``[row0, row0 + len(a))`` of an
+    ``out``-row matrix (all of it by default).
 
     Rows are computed in chunks of :func:`chunk_rows` rows aligned to multiples of that size
-    (``a`` must hold the whole chunks asked for: :func:`needed_rows`), each chunk by one matmul
-    of a fixed shape, so an element is bitwise the same whichever slice asks for it. Pieces are
-    fresh tensors the caller may modify.
+    (``a`` must hold the whole chunks asked for: :func:`needed_rows`), each chunk by matmuls of a
+    fixed shape, so an element is bitwise the same whichever slice asks for it. Pieces are fresh
+    tensors the caller may modify.
     """
     if numel <= 0:
         return
@@ -145,7 +149,8 @@ def row_pieces(a: torch.Tensor, b: torch.Tensor, start: int, numel: int, row0: i
     end = start + numel
     for c in range(start // inner // chunk, (end - 1) // inner // chunk + 1):
         r0, r1 = c * chunk, min((c + 1) * chunk, out)
-        flat = (a[r0 - row0 : r1 - row0] @ bt).view(-1)
+        rows = a[r0 - row0 : r1 - row0]
+        flat = ((rows if core is None else rows @ core) @ bt).view(-1)
         lo, hi = max(start, r0 * inner), min(end, r1 * inner)
         yield lo - start, flat[lo - r0 * inner : hi - r0 * inner]
 
@@ -159,7 +164,7 @@ class PGAP:
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.row0: dict[str, int] = {}
         self.refreshed_at: int | None = None
-        self._left: dict[str, torch.Tensor] = {}  # the local rows of U Z of the current step
+        self._cores: dict[str, torch.Tensor] = {}  # the aligned core Z of each weight, this step
         self._by_name = {s.name: s for s in shards}
 
     def refresh_due(self, step: int) -> bool:
@@ -205,7 +210,9 @@ class PGAP:
         return rows
 
     def fit(self, seeds: list[int], grads: list[float], reduce) -> None:
-        """R2-R3 for every 2-D weight, one at a time; ``reduce`` sums over ranks."""
+        """R2-R3 for every 2-D weight, one at a time; ``reduce`` sums over ranks. The previous
+        factors are dropped first: old and new never coexist."""
+        self.factors, self.row0, self._cores = {}, {}, {}
         factors, row0 = {}, {}
         for shard in self.shards:
             if not is_matrix(shard):
@@ -244,14 +251,14 @@ class PGAP:
     # -- every step (P1-P4) -------------------------------------------------------------------
 
     def set_cores(self, seed: int) -> None:
-        """P1: ``U Z`` of every weight for the step seed."""
+        """P1: the aligned core ``Z`` of every weight for the step seed."""
         xi, delta = step_sign(seed), self.cfg.pgap_delta
-        self._left = {}
+        self._cores = {}
         for name, (u, s, _) in self.factors.items():
             r = s.numel()
             zhat = gaussian(seed, name_key(name + "::pgap.Z"), 0, r * r).view(r, r)
             z = aligned_core(zhat, s, xi, delta)
-            self._left[name] = u @ z.to(u.device, torch.float32)
+            self._cores[name] = z.to(u.device, torch.float32)
 
     def direction(self, shard: ParamShard, seed: int, offset: int = 0,
                   numel: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
@@ -259,9 +266,10 @@ class PGAP:
         piece)`` as in ``iter_blocks`` (default: the whole shard)."""
         numel = shard.numel - offset if numel is None else numel
         start = shard.start + offset
-        if shard.name in self._left:
-            yield from row_pieces(self._left[shard.name], self.factors[shard.name][2], start,
-                                  numel, self.row0[shard.name], shard.shape[0])
+        if shard.name in self._cores:
+            u, _, v = self.factors[shard.name]
+            yield from row_pieces(u, v, start, numel, self.row0[shard.name], shard.shape[0],
+                                  core=self._cores[shard.name])
         else:
             yield from z_blocks(seed, shard, offset, numel)
 
