@@ -274,4 +274,7 @@ def test_every_learning_spec_expands_to_valid_configs(spec):
     assert len(expanded["runs"]) >= 2
     for _name, _group, recipe, overrides in expanded["runs"]:
         cfg = load_config(ROOT / recipe, [*shared, *overrides])
-        assert cfg.method.name == "mezo"
+        for item in overrides:  # each run's own settings reach its config
+            key, value = item.split("=", 1)
+            section, field = key.split(".")
+            assert getattr(getattr(cfg, section), field) == yaml.safe_load(value), item
