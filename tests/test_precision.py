@@ -3,6 +3,7 @@ learning rate 0 is bitwise exact in every dtype and for every weight-space metho
 stochastic rounding, replay bitwise and are bitwise the same at any world size given the same
 projected gradients; NaN steps are skipped."""
 
+import functools
 import json
 import math
 import subprocess
@@ -104,6 +105,44 @@ def test_a_perturbed_forward_sees_exactly_the_perturbed_weights_and_writes_nothi
         assert got != loss0
         assert torch.equal(got, _loss_with_weights(tiny_model, tiny_batch, seen))
         assert all(torch.equal(before[n], _bits(p)) for n, p in tiny_model.named_parameters())
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_large_embeddings_and_linears_are_perturbed_in_pieces_as_the_whole_weight(
+        monkeypatch, tiny_model, tiny_batch, dtype):
+    """With a piece size below every weight, the tied embedding / LM head and the linear layers
+    compute their perturbed forward from pieces (looked-up rows; row chunks of 3 rows): the loss
+    is that of the whole perturbed weights (the embedding bitwise, the chunked products to
+    rounding), the stored weights are untouched, and no piece reaches a weight's full size."""
+    from pipeline.parallel import piecewise
+
+    monkeypatch.setattr(piecewise, "PIECE_BYTES", 3 * 32 * 4 // 2)  # a few rows of any weight
+    backend = _backend(tiny_model, dtype)
+    assert isinstance(tiny_model.lm_head.forward, functools.partial)  # the piecewise path
+    sizes = []
+    real_empty = torch.empty
+
+    def recording_empty(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        sizes.append(t.numel())
+        return t
+
+    at = Perturbation.dense(11, 1e-2)
+    seen = {}
+    for s in backend.shards():
+        seen[s.name] = torch.empty_like(s.local)
+        at.write(s, seen[s.name])
+    before = {n: _bits(p) for n, p in tiny_model.named_parameters()}
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    got = backend.loss(tiny_batch, at)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    want = _loss_with_weights(tiny_model, tiny_batch, seen)
+    tol = {"fp32": 1e-6, "bf16": 2e-2, "fp16": 2e-3}[dtype]
+    assert got != backend.loss(tiny_batch)
+    torch.testing.assert_close(got, want, rtol=tol, atol=0)
+    assert all(torch.equal(before[n], _bits(p)) for n, p in tiny_model.named_parameters())
+    largest = max(p.numel() for p in tiny_model.parameters())
+    assert sizes and max(sizes) < largest
 
 
 def test_a_weight_read_outside_its_module_is_an_error_not_a_silent_unperturbed_forward():

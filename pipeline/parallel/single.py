@@ -3,7 +3,7 @@
 A perturbed forward (``loss(batch, at=...)``) sees each module's trainable weights as a transient
 perturbed copy swapped in for that module's forward only (:mod:`pipeline.parallel.swap_delivery`),
 so the stored weights are never written while measuring and the extra memory is one module's
-weights at a time.
+weights at a time (a large embedding or linear layer: one piece of it).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class SingleBackend:
             make_shard(n, params[n].shape, 0, params[n].data.view(-1), master=master)
             for n in names
         ]
-        self._delivery = SwapDelivery(model, self._shards, params)
+        self._delivery = SwapDelivery(model, self._shards, params, piecewise_large=True)
 
     @classmethod
     def from_config(cls, cfg) -> SingleBackend:

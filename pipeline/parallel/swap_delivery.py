@@ -9,7 +9,10 @@ time at most the buffers of the modules in flight exist (one module's weights, p
 ancestors' own parameters, which are small).
 
 - single backend: the tensor is the parameter itself and it is swapped back after the module's
-  forward (a forward hook);
+  forward (a forward hook); a plain embedding or linear layer whose weight is larger than
+  :data:`pipeline.parallel.piecewise.PIECE_BYTES` is not swapped but computes its perturbed
+  forward from pieces of the perturbed weight (:mod:`pipeline.parallel.piecewise`), so the
+  largest module's copy is not held either;
 - ZeRO-3: the tensor is the parameter's partition ``p.ds_tensor``, swapped in only when DeepSpeed
   is about to gather it (``NOT_AVAILABLE``) and swapped back right after DeepSpeed's own
   pre-forward hook has gathered it; the gathered copy carries the perturbation for the rest of
@@ -27,6 +30,7 @@ from functools import partial
 
 import torch
 
+from pipeline.parallel import piecewise
 from pipeline.parallel.delivery import Delivery
 from pipeline.zo.shards import ParamShard
 
@@ -50,7 +54,8 @@ class SwapDelivery(Delivery):
                  holder: Callable[[torch.nn.Parameter], torch.Tensor] = the_parameter,
                  gather_pending: Callable[[torch.nn.Parameter], bool] | None = None,
                  restore_after_forward: bool = True,
-                 before_gather: Callable[[], None] | None = None):
+                 before_gather: Callable[[], None] | None = None,
+                 piecewise_large: bool = False):
         super().__init__(shards)
         self._holder = holder
         self._pending = gather_pending
@@ -61,6 +66,11 @@ class SwapDelivery(Delivery):
         for module in model.modules():
             own = [(p, by_id[id(p)]) for p in module.parameters(recurse=False) if id(p) in by_id]
             if not own:
+                continue
+            named = {n: by_id[id(p)] for n, p in module.named_parameters(recurse=False)
+                     if id(p) in by_id}
+            if piecewise_large and piecewise.qualifies(module, named.get("weight")):
+                piecewise.install(module, self, named)
                 continue
             # module-level functions, not lambdas: a model with these hooks still pickles
             self._handles.append(module.register_forward_pre_hook(
