@@ -71,3 +71,19 @@ def test_padded_batches_score_like_single_examples(tiny_model, tiny_batch):
             out = tiny_model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
             torch.testing.assert_close(together[i], out[tiny_batch.candidate_ids[i]],
                                        rtol=1e-4, atol=1e-5)
+
+
+def test_foobar_task_relabels_the_same_rotten_tomatoes_reviews():
+    from pipeline.config import DataConfig
+    from pipeline.data.loading import load_examples
+
+    sizes = dict(n_train=20, n_val=10, n_test=10)
+    plain = load_examples(DataConfig(task="rotten_tomatoes", **sizes))
+    foobar = load_examples(DataConfig(task="rotten_tomatoes_foobar", **sizes))
+    for split in ("train", "validation", "test"):
+        a, b = plain[split], foobar[split]
+        assert [e.label for e in a] == [e.label for e in b]
+        assert [e.prompt.replace("\nSentiment:", "") for e in a] == \
+               [e.prompt.replace("\nLabel:", "") for e in b]
+        assert all(e.candidates == (" foo", " bar") for e in b)
+    assert {e.label for e in foobar["train"]} == {0, 1}

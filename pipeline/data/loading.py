@@ -57,7 +57,7 @@ def _rows(cfg) -> datasets.DatasetDict:
         files = _local_files(Path(cfg.data_dir).expanduser())
         builder = _BUILDERS[Path(files["train"]).suffix]
         raw = datasets.load_dataset(builder, data_files=files)
-    elif task.name == "rotten_tomatoes":
+    elif task.rotten_tomatoes:
         from pipeline.assets import ensure_assets
         from pipeline.data.rotten_tomatoes import load_rotten_tomatoes
 

@@ -7,8 +7,9 @@ teacher forcing on the correct candidate. Evaluation picks the candidate with th
 per-token log-likelihood.
 
 Templates follow the MeZO-protocol table in ``shared/papers/METHODS.md``. ``rotten_tomatoes``
-and ``multiemo`` (four-way sentiment of review sentences, from BIG-bench) are the offline tasks
-built from packaged data; the others load from the Hugging Face hub (where a
+(and ``rotten_tomatoes_foobar``, the same reviews labelled `` foo``/`` bar``: label words with no
+prior, so zero-shot is near chance) and ``multiemo`` (four-way sentiment of review sentences,
+from BIG-bench) are the offline tasks built from packaged data; the others load from the Hugging Face hub (where a
 user has access) or from local files (``data.data_dir``).
 """
 
@@ -37,6 +38,7 @@ class Task:
     hub: tuple[str, str | None] | None = None  # (path, config) for datasets.load_dataset
     # (packaged BIG-bench task, its answers in label order), see pipeline.data.bigbench
     bigbench: tuple[str, tuple[str, ...]] | None = None
+    rotten_tomatoes: bool = False  # rows from the packaged Rotten Tomatoes corpus
 
     def example(self, row: Row) -> Example:
         return Example(self.prompt(row), self.candidates(row), self.label(row))
@@ -67,6 +69,16 @@ TASKS: dict[str, Task] = {
             lambda r: f"Review: {r['text']}\nSentiment:",
             _fixed(" negative", " positive"),
             _label,
+            rotten_tomatoes=True,
+        ),
+        Task(
+            # the same reviews with label words that carry no sentiment: what the model knows
+            # about reviews is there, the mapping to the words must be learned
+            "rotten_tomatoes_foobar",
+            lambda r: f"Review: {r['text']}\nLabel:",
+            _fixed(" foo", " bar"),
+            _label,
+            rotten_tomatoes=True,
         ),
         Task(
             # BIG-bench multiemo/all_sentence_en; "ambivalent" is two tokens, "mixed" one
