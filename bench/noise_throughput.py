@@ -23,6 +23,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from pipeline.zo import noise, noise_compile, noise_math
+from pipeline.zo.rounding import rounding_seed
 from pipeline.zo.seeds import mix
 
 BLOCK = 1 << 18
@@ -61,6 +62,7 @@ def main() -> None:
     p = torch.zeros(n, device=dev)
     gen = torch.Generator(dev).manual_seed(0)
     buf = torch.empty(n, device=dev)
+    p16 = torch.zeros(n, dtype=torch.bfloat16, device=dev)  # a bf16 weight: the SR update
     graphs0 = counters["stats"]["unique_graphs"]
     tic = time.perf_counter()
     for kind in noise.KINDS:
@@ -82,6 +84,8 @@ def main() -> None:
         "fused compiled, rademacher": lambda: noise.apply(p, p, 1, 2, 0, n, 1e-3,
                                                           kind="rademacher"),
         "cached z (cache_noise), compiled": lambda: noise.apply_stored(p, p, z, n, 1e-3),
+        "fused compiled, gaussian, SR into bf16": lambda: noise.apply(
+            p16, p16, 1, 2, 0, n, 1e-3, rounding=rounding_seed(3)),
     }
     rates = {name: rate(fn, n, args.repeats) for name, fn in rows.items()}
     for size in (3, 1001, 65_537, n // 2):  # other shard sizes: no new graphs expected

@@ -102,3 +102,35 @@ def test_fp32_storage_and_masters_take_the_fp32_value():
     update([master], [Term(1e-4, seed=3)], rounding=rounding_seed(3))
     assert torch.equal(master.master, torch.full((1000,), 0.5) + z * 1e-4)
     assert torch.equal(low, master.master.to(torch.bfloat16))  # round-to-nearest of the master
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_every_16_bit_value_rounds_to_itself_or_its_neighbour_towards_v(dtype):
+    """All finite 16-bit values h, v a fraction of the gap to each neighbour away: the result
+    is h or that neighbour (by its 16-bit pattern, signed zeros included), and the neighbour
+    is taken exactly when the uniform draw is below (v - h) / (n - h)."""
+    from pipeline.zo.rounding import INV_24, stochastic_round
+
+    low = LOW[dtype]
+    pats = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    h16 = pats.view(low)
+    keep = torch.isfinite(h16.float())
+    pats, h16 = pats[keep], h16[keep]
+    gen = torch.Generator().manual_seed(0)
+    for step in (1, -1):  # the neighbour one magnitude step away from / towards zero
+        nb = pats.to(torch.int32) + step  # (a negative int16 pattern is -2^15 + magnitude)
+        ok = (nb >= -(1 << 15)) & (nb < (1 << 15)) & (pats.to(torch.int32) & 0x7FFF != 0)
+        n16 = nb[ok].to(torch.int16).view(low)
+        h = h16[ok].float()
+        n = n16.float()
+        finite = torch.isfinite(n)
+        h, n, n16, hp = h[finite], n[finite], n16[finite], pats[ok][finite]
+        for frac in (0.01, 0.25, 0.49):
+            v = h + frac * (n - h)
+            assert torch.equal(v.to(low).float(), h)  # h is v's round-to-nearest value
+            bits = torch.randint(-(1 << 31), (1 << 31) - 1, v.shape, dtype=torch.int32,
+                                 generator=gen)
+            got = stochastic_round(v, bits, low).to(low).view(torch.int16)
+            u = ((bits >> 8) & 0xFFFFFF).float() * INV_24
+            want = torch.where(u < (v - h) / (n - h), n16.view(torch.int16), hp)
+            assert torch.equal(got, want)

@@ -13,10 +13,17 @@ deterministic, the same at any world size and on every replay, and independent o
 
 Everything is integer and fp32 arithmetic on the element alone (no ``nextafter``: inductor does
 not compile it correctly for 16-bit types), so a slice of a tensor rounds exactly as the whole.
-``h`` is the round-to-nearest value; its neighbour towards ``v`` is one step of the sign-magnitude
-bit pattern (away from zero, or towards it; from ±0 to the smallest subnormal of ``v``'s sign).
-``d = v - h`` and ``n - h`` are exact in fp32 (Sterbenz), ``0 <= p <= 1/2``. Overflow stays
-round-to-nearest: next to the largest finite value the neighbour is ``inf`` and ``p = 0``.
+``h`` is the round-to-nearest value; its neighbour ``n`` towards ``v`` is one 16-bit ulp away
+from zero, or towards it (from ±0: the smallest subnormal of ``v``'s sign). ``d = v - h`` and
+``n - h`` are exact in fp32 (Sterbenz), ``0 <= p <= 1/2``. Overflow stays round-to-nearest: next
+to the largest finite value the neighbour is ``inf`` and ``p = 0``.
+
+The neighbour is found in fp32's own bit pattern (int32 arithmetic on ``h.float()``), never by
+viewing the 16-bit value as int16: inductor's CPU code generator does not vectorise 16-bit
+bitcasts, and a kernel with one ran scalar, 13x slower than the same kernel without rounding
+(6 vs 80 M elements/s, which made a bf16 update cost 22 s on the demo model). bf16 is fp32's top
+half, so one bf16 ulp is ``1 << 16`` of the fp32 pattern; fp16's ulp is ``2^(max(e, -14) - 10)``
+for ``|h|`` in ``[2^e, 2^(e+1))``, halved towards zero from a power of two above the subnormals.
 """
 
 from __future__ import annotations
@@ -37,18 +44,24 @@ def rounding_seed(seed: int) -> int:
 
 def stochastic_round(v: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``v`` (fp32) rounded stochastically to ``dtype`` (bf16 or fp16) with the int32 hash words
-    ``bits`` (one per element; their top 24 bits are the uniform draw)."""
-    h = v.to(dtype)
-    hf = h.float()  # compiled with emulate_precision_casts, or inductor folds this to v
+    ``bits`` (one per element; their top 24 bits are the uniform draw), as fp32 values (exactly
+    representable in ``dtype``)."""
+    hf = v.to(dtype).float()  # compiled with emulate_precision_casts, or inductor folds this to v
     d = v - hf
-    hb = h.view(torch.int16).to(torch.int32) & 0xFFFF
-    sign, mag = hb & 0x8000, hb & 0x7FFF
-    away = (mag == 0) | ((d > 0) == (sign == 0))
-    n_mag = torch.where(away, mag + 1, mag - 1)
-    n_sign = torch.where(mag == 0, torch.where(d < 0, 0x8000, 0), sign)
-    nb = n_sign | n_mag
-    nb = torch.where(nb >= 0x8000, nb - 0x10000, nb).to(torch.int16)
-    n = nb.view(dtype)
-    p = d / (n.float() - hf)
+    hb = hf.view(torch.int32)
+    mag = hb & 0x7FFFFFFF
+    away = (mag == 0) | ((d > 0) == (hb >= 0))
+    if dtype == torch.bfloat16:
+        step = torch.where(away, hb + 0x10000, hb - 0x10000)
+        # from ±0: the smallest subnormal of d's sign
+        n = torch.where(mag == 0, (d < 0).to(torch.int32) * (-(1 << 31)) + 0x10000, step)
+        n = n.view(torch.float32)
+    else:
+        e = torch.clamp_min(mag >> 23, 113)  # biased fp32 exponent, fp16's subnormals at 2^-14
+        halve = ~away & ((mag & 0x7FFFFF) == 0) & (e > 113)  # below a power of two: half the ulp
+        ulp = ((e - 10 - halve.to(torch.int32)) << 23).view(torch.float32)
+        n = hf + torch.where(d < 0, -ulp, ulp)
+        n = torch.where(n == 0, hf * 0.0, n)  # towards zero from ±2^-24: a zero of h's sign
+    p = torch.where(n.abs() > torch.finfo(dtype).max, 0.0, d / (n - hf))
     u = ((bits >> 8) & 0xFFFFFF).float() * INV_24
-    return torch.where(u < p, n, h)
+    return torch.where(u < p, n, hf)
