@@ -157,7 +157,7 @@ def _forward(fused: FusedEvaluation, name: str, module: torch.nn.Module, inner, 
         full = _once(full, slices)
     outputs = []
     for i, s in enumerate(slices):
-        a = [v if p is None else p[i].clone() for v, p in zip(args, split_args)]
+        a = [v if p is None else p[i] for v, p in zip(args, split_args)]
         kw = {k: v if split_kwargs[k] is None else split_kwargs[k][i] for k, v in kwargs.items()}
         if s is None:
             outputs.append(inner(*a, **kw))
