@@ -5,7 +5,11 @@ torchrun for fsdp / zero3). The table prints the median forward and step times, 
 (step / (forwards x forward)), the step time against the single-process one (scaling), and what
 one step sends through torch.distributed beyond its forwards' parameter gathers (calls, bytes;
 the gathers themselves are what inference pays too). On this 2-core CPU each rank gets one
-thread, so sharding gives no speed-up: compare the ratios.
+thread, so sharding gives no speed-up: compare the ratios. Every backend times its steps with
+one forward per evaluation and with fused evaluations (``train.fused_evaluations``), interleaved
+in the same processes (``fused`` column: bench/step_overhead.py --fused-both); the last columns
+say how many plain forwards' worth of parameter gathers a step ran and the bytes gathered into a
+rank per step over the trainable bytes.
 
 Usage: python bench/sharded_overhead.py [JOB.yaml] [key=value ...] [--methods mezo,...]
        [--backends fsdp,zero3] [--nproc-per-node 2]
@@ -27,8 +31,10 @@ METHOD_OVERRIDES = {"zoact": ["method.zoact_calib_batches=1"]}
 
 def measure(args, backend: str, method: str, nproc: int) -> dict:
     cmd = [str(SCRIPT), args.job, *args.overrides, f"parallel.backend={backend}",
+           "train.fused_evaluations=true",
            "train.threads=1", "tracking.enabled=false", f"method.name={method}",
-           *METHOD_OVERRIDES.get(method, []), "--repeats", str(args.repeats), "--timing-json"]
+           *METHOD_OVERRIDES.get(method, []), "--repeats", str(args.repeats), "--timing-json",
+           "--fused-both"]
     if nproc > 1:
         cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd]
     out = subprocess.run([sys.executable, *cmd], check=True, capture_output=True, text=True)
@@ -47,20 +53,30 @@ def main() -> None:
     args = parser.parse_args()
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     backends = [("single", 1)] + [(b, args.nproc_per_node) for b in args.backends.split(",")]
-    print(f"{'method':8s} {'backend':8s} {'ranks':>5s} {'forward ms':>11s} {'step ms':>9s} "
-          f"{'step/fwds':>9s} {'step vs ws1':>11s} {'step comm (calls, bytes)':>25s}", flush=True)
+    print(f"{'method':8s} {'backend':8s} {'ranks':>5s} {'fused':>5s} {'forward ms':>11s} "
+          f"{'step ms':>9s} {'step/fwds':>9s} {'step vs ws1':>11s} "
+          f"{'step comm (calls, bytes)':>25s} {'gathers':>7s} {'gathered/model':>14s}",
+          flush=True)
     for method in methods:
         single = None
         for backend, n in backends:
             r = measure(args, backend, method, n)
-            single = single or r
-            ratio = r["step"] / (r["forwards"] * r["forward"])
-            comm = (f"{r['step_calls']} calls, {r['step_bytes']} B" if "step_calls" in r
-                    else "-")
-            print(f"{method:8s} {backend:8s} {r['world_size']:5d} {r['forward'] * 1e3:11.1f} "
-                  f"{r['step'] * 1e3:9.1f} {ratio:9.2f} {r['step'] / single['step']:11.2f} "
-                  f"{comm:>25s}", flush=True)
-    print("(1 thread per rank; step comm excludes the parameter gathers inside forwards)")
+            for mode, m in r["modes"].items():
+                single = single or m
+                ratio = m["step"] / (r["forwards"] * r["forward"])
+                comm = (f"{m['step_calls']} calls, {m['step_bytes']} B" if "step_calls" in m
+                        else "-")
+                gathers = f"{m['model_gathers']:.2f}" if "model_gathers" in m else "-"
+                model = (f"{m['gathered_per_trainable']:.2f}" if "model_gathers" in m
+                         else "-")
+                print(f"{method:8s} {backend:8s} {r['world_size']:5d} "
+                      f"{str(mode == 'fused').lower():>5s} {r['forward'] * 1e3:11.1f} "
+                      f"{m['step'] * 1e3:9.1f} {ratio:9.2f} {m['step'] / single['step']:11.2f} "
+                      f"{comm:>25s} {gathers:>7s} {model:>14s}", flush=True)
+    print("(1 thread per rank; step comm excludes the parameter gathers inside forwards; "
+          "gathers: plain forwards' worth of parameter gathers per step; gathered/model: bytes "
+          "all-gathered into a rank per step / trainable bytes; step vs ws1: against the "
+          "single-process sequential step)")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,16 @@ there); forwards and steps are timed interleaved and the fastest of each is kept
 is shared: the fastest run is the least disturbed one). ``--timing-json`` (one method, used by
 bench/sharded_overhead.py under torchrun) times forward and step and, with several ranks,
 counts the bytes one step sends beyond what its forwards' parameter gathers send as inference
-does (:mod:`pipeline.parallel.comm_count`: inside the forwards too).
+does (:mod:`pipeline.parallel.comm_count`: inside the forwards too), and the parameter gathers
+themselves: how many plain forwards' worth of them a step ran (``model_gathers``: 1 with
+``train.fused_evaluations``), and their bytes received per rank over the trainable bytes.
+
+``--fused-both`` times every step twice, with one forward per evaluation and with the step's
+evaluations fused into one forward of the repeated batch (``train.fused_evaluations``),
+interleaved in the same process.
 
 Usage: python bench/step_overhead.py [JOB.yaml] [key=value ...] [--methods mezo,bszo,...]
-       [--cache-noise] [--repeats 3]
+       [--cache-noise] [--fused-both] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -59,8 +65,26 @@ def _time(fn, device, repeats: int) -> list[float]:
     return out
 
 
+def _gathered(calls: list[dict]) -> int:
+    return sum(c["bytes"] for c in calls if c["op"].startswith("all_gather"))
+
+
+def _evaluation_modes(args, backend) -> dict:
+    """``{label: the backend's fused evaluator or None}``: the configured mode, or with
+    ``--fused-both`` sequential and fused steps of the same process (the bench switches the
+    backend's evaluator between them)."""
+    fused = getattr(backend, "_fused", None)
+    if not args.fused_both:
+        return {"fused" if fused is not None else "sequential": fused}
+    if fused is None:
+        raise SystemExit("--fused-both needs train.fused_evaluations=true (and no fp32 masters "
+                         "on a sharded backend)")
+    return {"sequential": None, "fused": fused}
+
+
 def timing(args) -> None:
-    """Rank 0 prints one JSON line: forward and step medians, forwards, communication."""
+    """Rank 0 prints one JSON line: the fastest forward, and per evaluation mode the fastest
+    step and its communication."""
     cfg, backend, method, batch = _setup(args)
     device = backend.device
     steps = iter(range(10**9))
@@ -70,25 +94,37 @@ def timing(args) -> None:
         stats.append(method.step(StepContext(next(steps), cfg.train.seed, cfg.method.lr, batch,
                                              backend)))
 
+    modes = _evaluation_modes(args, backend)
     backend.loss(batch)
-    one_step()  # warm-up: compiles the noise kernel, ZO-Act calibrates
-    fwd, step = [], []
-    for _ in range(args.repeats):  # interleaved, so both see the same load on a shared machine
+    for evaluator in modes.values():  # warm-up: compiles the noise kernel, ZO-Act calibrates
+        backend._fused = evaluator
+        one_step()
+    fwd, step = [], {mode: [] for mode in modes}
+    for _ in range(args.repeats):  # interleaved, so all see the same load on a shared machine
         fwd += _time(lambda: backend.loss(batch), device, 1)
-        step += _time(one_step, device, 1)
-    comm = {}
+        for mode, evaluator in modes.items():
+            backend._fused = evaluator
+            step[mode] += _time(one_step, device, 1)
+    out = {mode: {"step": min(times)} for mode, times in step.items()}
     if backend.world_size > 1:  # the backend has settled: the timed forwards and steps ran
         with recording() as forward:
             backend.loss(batch)
-        with recording() as calls:
-            one_step()
-        extra, _ = beyond_forwards(calls, forward, stats[-1].forwards)
-        comm = summary(extra, forward, stats[-1].forwards)
+        for mode, evaluator in modes.items():
+            backend._fused = evaluator
+            with recording() as calls:
+                one_step()
+            extra, _ = beyond_forwards(calls, forward, stats[-1].forwards)
+            out[mode].update(summary(extra, forward, stats[-1].forwards))
+            # the parameter gathers: how many times a step moves the model into every rank
+            trainable = sum(s.total * s.local.element_size() for s in backend.shards())
+            gathered = _gathered(calls) - _gathered(extra)
+            out[mode].update(model_gathers=gathered / _gathered(forward),
+                             gathered_per_trainable=backend.world_size * gathered / trainable)
     if backend.rank == 0:
-        print(json.dumps({"forward": min(fwd), "step": min(step),
+        print(json.dumps({"forward": min(fwd), "modes": out,
                           "forwards": stats[-1].forwards, "world_size": backend.world_size,
                           "trainable": sum(s.total for s in backend.shards()),
-                          "threads": torch.get_num_threads(), "device": str(device), **comm}))
+                          "threads": torch.get_num_threads(), "device": str(device)}))
     backend.close()
 
 
@@ -109,6 +145,9 @@ def main() -> None:
                         help=f"comma-separated, or 'all' ({','.join(METHODS)})")
     parser.add_argument("--cache-noise", action="store_true",
                         help="also a MeZO row with method.cache_noise=true")
+    parser.add_argument("--fused-both", action="store_true",
+                        help="time each step with sequential and with fused evaluations, "
+                        "interleaved in one process (train.fused_evaluations=true is set)")
     parser.add_argument("--timing-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.timing_json:
@@ -119,13 +158,20 @@ def main() -> None:
     rows = [(m, m, []) for m in methods]
     if args.cache_noise:
         rows.append(("mezo+cache", "mezo", ["method.cache_noise=true"]))
-    print(f"{'method':11s} {'fwd/step':>8s} {'forward ms':>10s} {'step ms':>9s} "
+    print(f"{'method':16s} {'fwd/step':>8s} {'forward ms':>10s} {'step ms':>9s} "
           f"{'step/fwds':>9s}", flush=True)
+    flags = ["--timing-json"]
+    if args.fused_both:
+        flags.append("--fused-both")
+        rows = [(label, method, [*extra, "train.fused_evaluations=true"])
+                for label, method, extra in rows]
     for label, method, extra in rows:
-        t = _child(args, method, extra, ["--timing-json"])
-        print(f"{label:11s} {t['forwards']:8d} {t['forward'] * 1e3:10.1f} "
-              f"{t['step'] * 1e3:9.1f} {t['step'] / (t['forwards'] * t['forward']):9.2f}",
-              flush=True)
+        t = _child(args, method, extra, flags)
+        for mode, m in t["modes"].items():
+            name = f"{label} {mode}" if args.fused_both else label
+            print(f"{name:16s} {t['forwards']:8d} {t['forward'] * 1e3:10.1f} "
+                  f"{m['step'] * 1e3:9.1f} {m['step'] / (t['forwards'] * t['forward']):9.2f}",
+                  flush=True)
     print(f"(job {args.job} {' '.join(args.overrides)}; {t['trainable']:,} trainable, "
           f"{t['threads']} threads, device {t['device']}; fastest of {args.repeats} forwards and "
           "steps, interleaved)")

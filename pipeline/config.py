@@ -196,6 +196,11 @@ class TrainConfig:
     eval_zero_shot: bool = _opt(True, "evaluate before the first step")
     eval_batch_size: int = _opt(32, "examples per evaluation forward", min=1)
     threads: int = _opt(0, "torch CPU threads (0 = torch's default)", min=0)
+    fused_evaluations: bool = _opt(
+        False, "run a step's evaluations of one batch (MeZO's ±εz, BSZO's L0 and k points) as "
+        "ONE forward of the batch repeated, each slice with its own weights: fsdp/zero3 then "
+        "gather the model once per step instead of once per evaluation (S times the activation "
+        "memory); false: one forward each")
     max_nonfinite_steps: int = _opt(
         10, "stop with an error after this many non-finite losses in a row", min=1
     )

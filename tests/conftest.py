@@ -109,6 +109,26 @@ def tiny_model_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_opt_dir(tmp_path_factory):
+    """:func:`tiny_model_dir`'s shape as an OPT (learned positions, LayerNorms with biases,
+    biased projections, tied head)."""
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    from pipeline.assets import ensure_assets
+
+    tok = AutoTokenizer.from_pretrained(ensure_assets(progress=False).model_dir)
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=len(tok), hidden_size=16, ffn_dim=32, num_hidden_layers=2,
+                    num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=512,
+                    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id or 0,
+                    eos_token_id=tok.eos_token_id)
+    out = tmp_path_factory.mktemp("tiny-opt")
+    OPTForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def tiny_job(tiny_model_dir):
     """Overrides that run the demo job on the tiny model and a small slice of the data."""

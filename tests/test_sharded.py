@@ -135,20 +135,29 @@ def test_bf16_without_masters_resumes_bitwise_on_2_zero3_ranks(small, tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_step_communicates_one_collective_of_a_few_scalars(backend, small, tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_communicates_one_collective_of_a_few_scalars(backend, fused, small, tmp_path):
     """Everything the process group ran in the step, inside its forwards too, is 2 plain
-    forwards' parameter gathers plus one all-gather of the two losses."""
-    record = count_step_collectives(tmp_path / "calls.json", backend, small)
+    forwards' parameter gathers (fused evaluations: ONE forward's, the two evaluations run as
+    one forward of the repeated batch) plus one all-gather of the two losses."""
+    record = count_step_collectives(tmp_path / "calls.json", backend,
+                                    [*small, f"train.fused_evaluations={str(fused).lower()}"])
     assert record["forwards"] == 2 and record["forward"]  # the backend gathers in a forward
     assert all(c["op"] == "all_gather" for c in record["forward"])
     assert record["extra"] == [{"op": "all_gather", "numel": 2, "bytes": 16}]
-    assert record["missing"] == []
-    assert len(record["step"]) == 2 * len(record["forward"]) + 1
+    gathers = 1 if fused else 2
+    assert sorted(map(str, record["missing"])) == \
+        sorted(map(str, record["forward"] * (2 - gathers)))
+    assert len(record["step"]) == gathers * len(record["forward"]) + 1
+    assert sum(c["bytes"] for c in record["step"]) == \
+        gathers * sum(c["bytes"] for c in record["forward"]) + 16
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_parameter_gathered_inside_a_loss_is_counted(backend, small, tmp_path):
-    record = count_step_collectives(tmp_path / "calls.json", backend, small, "--stray-gather")
+    # the stray gather wraps backend.loss: the step evaluates one forward at a time
+    record = count_step_collectives(tmp_path / "calls.json", backend,
+                                    [*small, "train.fused_evaluations=false"], "--stray-gather")
     embedding = 49152 * 16 // 2  # rank 0's half of the tiny model's embedding, the first shard
     stray = {"op": "all_gather", "numel": embedding, "bytes": 4 * embedding}
     assert record["extra"] == [stray, stray, {"op": "all_gather", "numel": 2, "bytes": 16}]

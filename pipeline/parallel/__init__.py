@@ -1,8 +1,11 @@
 """Execution backends: how the trainable parameters are held and how ranks talk.
 
 Every backend builds its own model from the config (ZeRO-3 must partition it while it loads) and
-provides the Backend contract of DESIGN.md: ``shards()``, ``loss(batch)``, ``scores(batch)``,
-``all_reduce_mean(tensor)``, ``rank``, ``world_size``, ``barrier()``, ``model``, ``device``.
+provides the Backend contract of DESIGN.md: ``shards()``, ``loss(batch, at)``, ``losses(batch,
+ats)`` (the losses at several points of one batch: one forward each, or with
+``train.fused_evaluations`` one forward of the repeated batch, :mod:`pipeline.parallel.fused`),
+``scores(batch)``, ``all_reduce_mean(tensor)``, ``rank``, ``world_size``, ``barrier()``,
+``model``, ``device``.
 """
 
 from __future__ import annotations

@@ -78,6 +78,9 @@ class DryLoss:
     def __getattr__(self, name):
         return getattr(self._backend, name)
 
+    def losses(self, batch, ats) -> list[torch.Tensor]:
+        return [self.loss(batch, at) for at in ats]
+
     def loss(self, batch, at=None) -> torch.Tensor:
         del batch
         self.forwards += 1

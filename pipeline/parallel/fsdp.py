@@ -20,11 +20,12 @@ from __future__ import annotations
 import torch
 from torch.distributed.fsdp import fully_shard
 
-from pipeline.models.objective import batch_loss, candidate_scores
+from pipeline.models.objective import batch_loss, batch_losses, candidate_scores
 from pipeline.models.tuning import tuned_names
 from pipeline.parallel import make_shard, wants_master
 from pipeline.parallel.distributed import DistributedBackend, init_process_group
 from pipeline.parallel.fsdp_delivery import FSDPDelivery
+from pipeline.parallel.fused import FusedEvaluation
 
 
 def _blocks(model) -> list[torch.nn.Module]:
@@ -74,7 +75,7 @@ def _load_local_shards(backend: FSDPBackend, checkpoint) -> None:
 
 
 class FSDPBackend(DistributedBackend):
-    def __init__(self, model, names: list[str], device, *, master: bool):
+    def __init__(self, model, names: list[str], device, *, master: bool, fused: bool = False):
         super().__init__(device)
         for block in _blocks(model):
             fully_shard(block, reshard_after_forward=True)
@@ -91,6 +92,10 @@ class FSDPBackend(DistributedBackend):
                 make_shard(name, p.shape, start, local.view(-1), master=master)
             )
         self._delivery = FSDPDelivery(model, self._shards, self.world_size)
+        # fp32 masters live only on their owning rank: a gathered weight cannot be perturbed
+        # from them, so those runs evaluate sequentially
+        self._fused = FusedEvaluation(model, self._shards, params) \
+            if fused and not master else None
 
     @classmethod
     def from_config(cls, cfg) -> FSDPBackend:
@@ -99,24 +104,35 @@ class FSDPBackend(DistributedBackend):
         device = init_process_group(cfg.model.device)
         model, checkpoint = skeleton(cfg)
         names = tuned_names(model, cfg)
-        backend = cls(model, names, device, master=wants_master(cfg))
+        backend = cls(model, names, device, master=wants_master(cfg),
+                      fused=cfg.train.fused_evaluations)
         _load_local_shards(backend, checkpoint)
         return backend
 
     def shards(self):
         return self._shards
 
-    def _forward(self, fn, batch, at=None) -> torch.Tensor:
+    def _forward(self, fn, batch, at=None, ats=None):
+        batch = batch.to(self.device)
+        context = self._delivery.applying(at) if ats is None else \
+            self._fused.evaluating(ats, batch.input_ids.shape[0])
         try:
-            with torch.no_grad(), self._delivery.applying(at):
-                out = fn(self.model, batch.to(self.device))
+            with torch.no_grad(), context:
+                out = fn(self.model, batch)
         finally:
             self.model.reshard()
-        return out.cpu()
+        return out.cpu() if ats is None else [v.cpu() for v in out]
 
     def loss(self, batch, at=None) -> torch.Tensor:
         """This rank's batch loss (fp32) at the stored weights, or perturbed by ``at``."""
         return self._forward(batch_loss, batch, at)
+
+    def losses(self, batch, ats) -> list[torch.Tensor]:
+        """``[loss(batch, at) for at in ats]``: with ``train.fused_evaluations``, one forward of
+        the repeated batch that gathers each unit once, unperturbed (:mod:`.fused`)."""
+        if self._fused is None or len(ats) < 2:
+            return [self.loss(batch, at) for at in ats]
+        return self._forward(lambda m, b: batch_losses(m, b, len(ats)), batch, ats=ats)
 
     def scores(self, batch) -> torch.Tensor:
         return self._forward(candidate_scores, batch)

@@ -45,7 +45,7 @@ def install(module: torch.nn.Module, delivery, shards: dict[str, ParamShard]) ->
     ``shards`` maps the module's own parameter names (``weight``, ``bias``) to its trainable
     shards."""
     own = type(module).forward
-    fn = _embedding if isinstance(module, torch.nn.Embedding) else _linear
+    fn = embedding if isinstance(module, torch.nn.Embedding) else linear
     # an instance attribute (a partial of module-level functions: the model still pickles)
     module.forward = partial(_forward, delivery, module, own, fn, shards)
 
@@ -56,7 +56,7 @@ def _forward(delivery, module, own, fn, shards, *args, **kwargs):
     return fn(delivery, module, shards, *args, **kwargs)
 
 
-def _embedding(delivery, module: torch.nn.Embedding, shards, ids: torch.Tensor):
+def embedding(delivery, module: torch.nn.Embedding, shards, ids: torch.Tensor):
     weight, shard = module.weight, shards["weight"]
     dim = weight.shape[1]
     rows, where = torch.unique(ids.reshape(-1), return_inverse=True)
@@ -66,7 +66,7 @@ def _embedding(delivery, module: torch.nn.Embedding, shards, ids: torch.Tensor):
     return F.embedding(where.view(ids.shape), table)
 
 
-def _linear(delivery, module: torch.nn.Linear, shards, x: torch.Tensor):
+def linear(delivery, module: torch.nn.Linear, shards, x: torch.Tensor):
     weight, shard = module.weight, shards["weight"]
     out_features, in_features = weight.shape
     bias = module.bias

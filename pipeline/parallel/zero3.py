@@ -45,11 +45,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.models.objective import batch_loss, candidate_scores
+from pipeline.models.objective import batch_loss, batch_losses, candidate_scores
 from pipeline.models.sharded_load import skeleton
 from pipeline.models.tuning import tuned_names
 from pipeline.parallel import make_shard, wants_master
 from pipeline.parallel.distributed import DistributedBackend, init_process_group
+from pipeline.parallel.fused import FusedEvaluation
 from pipeline.parallel.swap_delivery import SwapDelivery
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -278,7 +279,8 @@ def _load_partitions(model, checkpoint) -> None:
 
 
 class Zero3Backend(DistributedBackend):
-    def __init__(self, engine, names: list[str], device, *, master: bool, hf_ds_config=None):
+    def __init__(self, engine, names: list[str], device, *, master: bool, hf_ds_config=None,
+                 fused: bool = False):
         super().__init__(device)
         self.engine = engine
         self.model = engine.module
@@ -307,6 +309,10 @@ class Zero3Backend(DistributedBackend):
                                       gather_pending=_gather_pending,
                                       restore_after_forward=False,
                                       before_gather=self._gather_waits())
+        # fp32 masters live only on their owning rank: a gathered weight cannot be perturbed
+        # from them, so those runs evaluate sequentially
+        self._fused = FusedEvaluation(self.model, self._shards, params) \
+            if fused and not master else None
 
     @classmethod
     def from_config(cls, cfg) -> Zero3Backend:
@@ -330,7 +336,8 @@ class Zero3Backend(DistributedBackend):
         names = tuned_names(model, cfg)
         engine, *_ = deepspeed.initialize(model=model, config=copy.deepcopy(ds_config))
         engine.eval()
-        return cls(engine, names, device, master=wants_master(cfg), hf_ds_config=hf_ds_config)
+        return cls(engine, names, device, master=wants_master(cfg), hf_ds_config=hf_ds_config,
+                   fused=cfg.train.fused_evaluations)
 
     def shards(self):
         return self._shards
@@ -350,17 +357,27 @@ class Zero3Backend(DistributedBackend):
             return lambda: torch.cuda.current_stream().synchronize()
         return lambda: stream.wait_stream(torch.cuda.current_stream())
 
-    def _forward(self, fn, batch, at=None) -> torch.Tensor:
+    def _forward(self, fn, batch, at=None, ats=None):
+        batch = batch.to(self.device)
+        context = self._delivery.applying(at) if ats is None else \
+            self._fused.evaluating(ats, batch.input_ids.shape[0])
         try:
-            with torch.no_grad(), self._delivery.applying(at):
-                out = fn(self.model, batch.to(self.device))
+            with torch.no_grad(), context:
+                out = fn(self.model, batch)
         finally:
             self.release()
-        return out.cpu()
+        return out.cpu() if ats is None else [v.cpu() for v in out]
 
     def loss(self, batch, at=None) -> torch.Tensor:
         """This rank's batch loss (fp32) at the stored weights, or perturbed by ``at``."""
         return self._forward(batch_loss, batch, at)
+
+    def losses(self, batch, ats) -> list[torch.Tensor]:
+        """``[loss(batch, at) for at in ats]``: with ``train.fused_evaluations``, one forward of
+        the repeated batch that gathers each module once, unperturbed (:mod:`.fused`)."""
+        if self._fused is None or len(ats) < 2:
+            return [self.loss(batch, at) for at in ats]
+        return self._forward(lambda m, b: batch_losses(m, b, len(ats)), batch, ats=ats)
 
     def scores(self, batch) -> torch.Tensor:
         return self._forward(candidate_scores, batch)

@@ -31,8 +31,8 @@ Per step ``t`` (seeds ``s = step_seed(run seed, t, 0)`` for the direction and
    AGZO's recommended one-sided mode is set in ``jobs/agzo.yaml`` (``two_sided: false``).
 4. (Step 4) ``θ ← θ - η (g Δ + λθ)`` (λ = ``weight_decay``, skipped for biases and norms, 0 by
    default), written by stochastic rounding in 16-bit storage (:mod:`pipeline.zo.update`). The
-   forwards of step 3 are asked for at their points (``backend.loss(batch, at=θ ± εΔ)``): the
-   stored weights are never moved, so there is nothing to restore.
+   forwards of step 3 are asked for at their points in one call (``backend.losses(batch,
+   [θ + εΔ, θ - εΔ])``): the stored weights are never moved, so there is nothing to restore.
 
 Given ``A``, ``E[g Δ] = G A Aᵀ`` (to O(ε)) for a weight with gradient ``G``: the gradient
 projected on the activation subspace (rows of ``G = Eᵀ X`` lie in the row space of ``X``).
@@ -167,9 +167,8 @@ class AGZO:
             ctx.backend.all_reduce_mean(l0.reshape(1))
             return StepStats(math.nan, [math.nan], 1, seeds, skipped=True)
         self._set_factors(seed, bases)
-        local = [l0, ctx.backend.loss(ctx.batch, self._at(seed, eps))]
-        if two:
-            local.append(ctx.backend.loss(ctx.batch, self._at(seed, -eps)))
+        ats = [self._at(seed, eps), self._at(seed, -eps)] if two else [self._at(seed, eps)]
+        local = [l0, *ctx.backend.losses(ctx.batch, ats)]
         losses = ctx.backend.all_reduce_mean(torch.stack(local)).tolist()
         if not all(math.isfinite(v) for v in losses):
             self._factors = {}

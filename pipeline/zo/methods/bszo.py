@@ -31,8 +31,10 @@ single ε knob: the BSZO recipe sets ``eps=1e-4`` (the pipeline default 1e-3 is 
 one-sided by construction: ``method.two_sided`` and ``method.n_directions`` are not used; ``k`` is
 ``method.bszo_k``.
 
-Forwards per step: ``1 + k`` (bszo), ``1 + m`` (bszo_b). Each forward is asked for at its point
-(``backend.loss(batch, at=θ + ε Σ_i d_i z_i)``; the stored weights are never moved), so each
+Forwards per step: ``1 + k`` (bszo), ``1 + m`` (bszo_b). The first ``1 + k`` are asked for in
+one call at their points (``backend.losses(batch, [θ, θ + ε z_1, ...])``, which may run them as
+one forward of the repeated batch), each extra bszo_b one at its point
+(``backend.loss(batch, at=θ + ε Σ_i d_i z_i)``); the stored weights are never moved, so each
 ``z_i`` is regenerated twice per step: once for its forward, once in the update, which sums all
 ``k`` directions in one pass and writes the storage dtype by stochastic rounding
 (:mod:`pipeline.zo.update`).
@@ -127,11 +129,12 @@ class BSZO:
 
     # -- measuring and updating ------------------------------------------------------------------
 
-    def _measure_axes(self, seeds: list[int], loss: Callable[[Perturbation | None], torch.Tensor]
+    def _measure_axes(self, seeds: list[int],
+                      losses: Callable[[list[Perturbation | None]], list[torch.Tensor]]
                       ) -> list[torch.Tensor]:
-        """``L0`` and the k forwards along ``e_τ`` (this rank's losses)."""
+        """``L0`` and the k forwards along ``e_τ`` (this rank's losses), in one call."""
         eps = self.cfg.eps
-        return [loss(None)] + [loss(Perturbation.dense(seed, eps)) for seed in seeds]
+        return losses([None] + [Perturbation.dense(seed, eps) for seed in seeds])
 
     def _apply(self, seeds: list[int], mu: Sequence[float], lr: float) -> None:
         """``θ ← θ - η (Σ_i μ_i z_i + λθ)`` in one pass over every shard."""
@@ -148,7 +151,7 @@ class BSZO:
         def loss(at: Perturbation | None) -> torch.Tensor:
             return ctx.backend.loss(ctx.batch, at)
 
-        local = self._measure_axes(seeds, loss)
+        local = self._measure_axes(seeds, lambda ats: ctx.backend.losses(ctx.batch, ats))
         forwards = len(local)
         values = ctx.backend.all_reduce_mean(torch.stack(local)).tolist()
 

@@ -139,16 +139,16 @@ class LOZO:
         update(self.shards, [term], rounding=rounding_seed(seeds[0]),
                decay=lr * self.cfg.weight_decay)
 
-    def _measure(self, seeds: list[int], loss) -> list[torch.Tensor]:
-        """``L(θ + εΔ)``, ``L(θ - εΔ)`` (this rank's)."""
+    def _measure(self, seeds: list[int], losses) -> list[torch.Tensor]:
+        """``L(θ + εΔ)``, ``L(θ - εΔ)`` (this rank's), asked for in one call."""
         eps = self.cfg.eps
-        return [loss(Perturbation.along(self._pieces(seeds), eps)),
-                loss(Perturbation.along(self._pieces(seeds), -eps))]
+        return losses([Perturbation.along(self._pieces(seeds), eps),
+                       Perturbation.along(self._pieces(seeds), -eps)])
 
     def step(self, ctx: StepContext) -> StepStats:
         eps = self.cfg.eps
         seeds = self.seeds(ctx.run_seed, ctx.step)
-        local = self._measure(seeds, lambda at: ctx.backend.loss(ctx.batch, at))
+        local = self._measure(seeds, lambda ats: ctx.backend.losses(ctx.batch, ats))
         losses = ctx.backend.all_reduce_mean(torch.stack(local)).tolist()
         if not all(math.isfinite(v) for v in losses):
             return StepStats(math.nan, [math.nan], 2, seeds, skipped=True)

@@ -3,10 +3,11 @@
 Per step and direction ``i`` (seed ``s_i = mix(run seed, step, i)``):
 
 - ``L+ = L(θ + ε z_i)`` and ``L- = L(θ - ε z_i)`` (Alg. 1, ZO-perturb with scale +1, then -2:
-  here each forward is asked for at its point, ``backend.loss(batch, at=θ + α z_i)``, and the
-  backend shows the perturbed weights to the forward without writing the stored ones, so nothing
-  is restored and nothing drifts); one-sided option: ``L0 = L(θ)`` once per step and
-  ``g_i = (L+ - L0)/ε``;
+  here the step's losses are asked for at their points in one call,
+  ``backend.losses(batch, [θ + ε z_1, θ - ε z_1, ...])``, and the backend shows the perturbed
+  weights to its forwards without writing the stored ones, so nothing is restored and nothing
+  drifts; it may run them as one forward of the repeated batch); one-sided option: ``L0 = L(θ)``
+  once per step and ``g_i = (L+ - L0)/ε``;
 - ``g_i = (L+ - L-) / 2ε`` (the projected gradient);
 - ``θ ← θ - η (mean_i g_i z_i + λθ)``, λ skipped for biases and norms, in one pass that
   regenerates every ``z_i`` and writes the storage dtype by stochastic rounding
@@ -37,7 +38,7 @@ from pipeline.zo.seeds import step_seed
 from pipeline.zo.shards import ParamShard
 from pipeline.zo.update import update
 
-Loss = Callable[[Perturbation | None], torch.Tensor]
+Losses = Callable[[list[Perturbation | None]], list[torch.Tensor]]
 
 
 class MeZO:
@@ -45,16 +46,16 @@ class MeZO:
         self.cfg = cfg
         self.shards = shards
 
-    def _measure(self, seeds: list[int], loss: Loss) -> list[torch.Tensor]:
+    def _measure(self, seeds: list[int], losses: Losses) -> list[torch.Tensor]:
         """This rank's losses: per direction ``L(θ+εz)``, ``L(θ-εz)`` (or ``L0`` first and
-        ``L(θ+εz)`` one-sided)."""
+        ``L(θ+εz)`` one-sided), asked for in one call."""
         eps, two_sided = self.cfg.eps, self.cfg.two_sided
-        local = [] if two_sided else [loss(None)]
+        ats: list[Perturbation | None] = [] if two_sided else [None]
         for seed in seeds:
-            local.append(loss(Perturbation.dense(seed, eps)))
+            ats.append(Perturbation.dense(seed, eps))
             if two_sided:
-                local.append(loss(Perturbation.dense(seed, -eps)))
-        return local
+                ats.append(Perturbation.dense(seed, -eps))
+        return losses(ats)
 
     def _apply(self, seeds: list[int], grads: list[float], lr: float) -> None:
         n = len(seeds)
@@ -65,7 +66,7 @@ class MeZO:
     def step(self, ctx: StepContext) -> StepStats:
         eps, n = self.cfg.eps, self.cfg.n_directions
         seeds = [step_seed(ctx.run_seed, ctx.step, i) for i in range(n)]
-        local = self._measure(seeds, lambda at: ctx.backend.loss(ctx.batch, at))
+        local = self._measure(seeds, lambda ats: ctx.backend.losses(ctx.batch, ats))
         losses = ctx.backend.all_reduce_mean(torch.stack(local)).tolist()
         if not all(math.isfinite(v) for v in losses):
             return StepStats(math.nan, [math.nan] * n, len(local), seeds, skipped=True)

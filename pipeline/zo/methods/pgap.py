@@ -172,13 +172,10 @@ class PGAP:
 
     # -- the refresh (R1-R3) ------------------------------------------------------------------
 
-    def _probe(self, seeds: list[int], loss) -> list[torch.Tensor]:
-        """R1: the ``2q`` probe forwards."""
-        eps, local = self.cfg.eps, []
-        for seed in seeds:
-            local.append(loss(Perturbation.dense(seed, eps)))
-            local.append(loss(Perturbation.dense(seed, -eps)))
-        return local
+    def _probe(self, seeds: list[int], losses) -> list[torch.Tensor]:
+        """R1: the ``2q`` probe forwards, asked for in one call."""
+        eps = self.cfg.eps
+        return losses([Perturbation.dense(s, a * eps) for s in seeds for a in (1, -1)])
 
     def estimate(self, shard: ParamShard, seeds: list[int], grads: list[float], offset: int = 0,
                  numel: int | None = None) -> torch.Tensor:
@@ -237,7 +234,7 @@ class PGAP:
         finite (the old factors stay and the refresh stays due)."""
         backend, eps = ctx.backend, self.cfg.eps
         seeds = self.probe_seeds(ctx.run_seed, ctx.step)
-        local = self._probe(seeds, lambda at: backend.loss(ctx.batch, at))
+        local = self._probe(seeds, lambda ats: backend.losses(ctx.batch, ats))
         losses = backend.all_reduce_mean(torch.stack(local)).tolist()
         if not all(math.isfinite(v) for v in losses):
             return None
@@ -277,7 +274,9 @@ class PGAP:
         return lambda shard, offset, numel: self.direction(shard, seed, offset, numel)
 
     def _measure(self, seed: int, loss) -> list[torch.Tensor]:
-        """P3's forwards."""
+        """P3's forwards, one at a time: a rank's factors hold only the rows of ``U`` its own
+        shard needs, so the direction cannot be evaluated on a gathered weight (which a fused
+        evaluation, ``backend.losses``, does)."""
         eps = self.cfg.eps
         return [loss(Perturbation.along(self._pieces(seed), eps)),
                 loss(Perturbation.along(self._pieces(seed), -eps))]
