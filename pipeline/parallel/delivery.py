@@ -22,6 +22,18 @@ class UndeliveredPerturbation(RuntimeError):
     """A perturbed forward ran without reaching some trainable weights."""
 
 
+def check_delivered(shards: list[ParamShard], delivered: set[str], forward: str) -> None:
+    """Raise if a trainable shard (with elements) is not among the ``delivered`` names."""
+    missing = [s.name for s in shards if s.numel and s.name not in delivered]
+    if missing:
+        raise UndeliveredPerturbation(
+            f"the {forward} forward never reached {len(missing)} trainable weight(s) "
+            f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): the model "
+            "reads them outside the forward of the module that owns them; exclude them "
+            "with model.trainable"
+        )
+
+
 class Delivery:
     """The perturbation of the forward in progress, and the shards that have received it."""
 
@@ -40,14 +52,7 @@ class Delivery:
             self.active = None
             self.release()
         if at is not None:
-            missing = [s.name for s in self.shards if s.numel and s.name not in self.delivered]
-            if missing:
-                raise UndeliveredPerturbation(
-                    f"the perturbed forward never reached {len(missing)} trainable weight(s) "
-                    f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): the model "
-                    "reads them outside the forward of the module that owns them; exclude them "
-                    "with model.trainable"
-                )
+            check_delivered(self.shards, self.delivered, "perturbed")
 
     def release(self) -> None:
         """Drop whatever a hook still holds (after an exception in the forward)."""

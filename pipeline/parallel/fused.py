@@ -37,7 +37,7 @@ from functools import partial
 import torch
 
 from pipeline.parallel import piecewise
-from pipeline.parallel.delivery import UndeliveredPerturbation
+from pipeline.parallel.delivery import check_delivered
 from pipeline.zo.noise_cache import NoiseCache
 from pipeline.zo.perturbation import Perturbation
 from pipeline.zo.shards import ParamShard
@@ -88,15 +88,8 @@ class FusedEvaluation:
         finally:
             self.slices = None
         for s in slices:
-            if s is None:
-                continue
-            missing = [x.name for x in self.shards if x.numel and x.name not in s.delivered]
-            if missing:
-                raise UndeliveredPerturbation(
-                    f"the fused forward never reached {len(missing)} trainable weight(s) "
-                    f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): the model "
-                    "reads them outside the forward of the module that owns them; exclude them "
-                    "with model.trainable")
+            if s is not None:
+                check_delivered(self.shards, s.delivered, "fused")
 
 
 def _full(shard: ParamShard, param: torch.Tensor) -> ParamShard:
