@@ -1,4 +1,5 @@
-"""What every multi-process backend shares: the process group and the few collectives ZO needs.
+"""What every multi-process backend shares: the process group, the few collectives ZO needs, and
+how a forward runs under a delivered perturbation (or as fused evaluations).
 
 Launch is always ``torchrun`` (under SLURM ``srun torchrun``); it sets RANK, WORLD_SIZE,
 LOCAL_RANK and the rendezvous. The process group is gloo on CPU and NCCL on CUDA.
@@ -24,6 +25,8 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from pipeline.models.objective import batch_loss, batch_losses, candidate_scores
 
 GATHERED = 64  # reductions of at most this many elements use one all-gather
 
@@ -63,12 +66,42 @@ def init_process_group(device_name: str) -> torch.device:
 
 
 class DistributedBackend:
-    """Rank bookkeeping and collectives; subclasses own the model and its shards."""
+    """Rank bookkeeping, collectives and the forwards; subclasses own the model, its shards, the
+    delivery of perturbations (``_delivery``), the fused evaluation (``_fused``, or None) and
+    :meth:`_release` (what frees the gathered weights after a forward)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def _forward(self, fn, batch, at=None, ats=None):
+        batch = batch.to(self.device)
+        context = self._delivery.applying(at) if ats is None else \
+            self._fused.evaluating(ats, batch.input_ids.shape[0])
+        try:
+            with torch.no_grad(), context:
+                out = fn(self.model, batch)
+        finally:
+            self._release()
+        return out.cpu() if ats is None else [v.cpu() for v in out]
+
+    def loss(self, batch, at=None) -> torch.Tensor:
+        """This rank's batch loss (fp32) at the stored weights, or perturbed by ``at``."""
+        return self._forward(batch_loss, batch, at)
+
+    def losses(self, batch, ats) -> list[torch.Tensor]:
+        """``[loss(batch, at) for at in ats]``: with ``train.fused_evaluations``, one forward of
+        the repeated batch that gathers each unit once, unperturbed (:mod:`.fused`)."""
+        if self._fused is None or len(ats) < 2:
+            return [self.loss(batch, at) for at in ats]
+        return self._forward(lambda m, b: batch_losses(m, b, len(ats)), batch, ats=ats)
+
+    def scores(self, batch) -> torch.Tensor:
+        return self._forward(candidate_scores, batch)
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Mean over ranks in float64, summed in rank order (bitwise the same on every rank)."""

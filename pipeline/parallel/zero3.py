@@ -45,7 +45,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.models.objective import batch_loss, batch_losses, candidate_scores
 from pipeline.models.sharded_load import skeleton
 from pipeline.models.tuning import tuned_names
 from pipeline.parallel import make_shard, wants_master
@@ -357,30 +356,8 @@ class Zero3Backend(DistributedBackend):
             return lambda: torch.cuda.current_stream().synchronize()
         return lambda: stream.wait_stream(torch.cuda.current_stream())
 
-    def _forward(self, fn, batch, at=None, ats=None):
-        batch = batch.to(self.device)
-        context = self._delivery.applying(at) if ats is None else \
-            self._fused.evaluating(ats, batch.input_ids.shape[0])
-        try:
-            with torch.no_grad(), context:
-                out = fn(self.model, batch)
-        finally:
-            self.release()
-        return out.cpu() if ats is None else [v.cpu() for v in out]
-
-    def loss(self, batch, at=None) -> torch.Tensor:
-        """This rank's batch loss (fp32) at the stored weights, or perturbed by ``at``."""
-        return self._forward(batch_loss, batch, at)
-
-    def losses(self, batch, ats) -> list[torch.Tensor]:
-        """``[loss(batch, at) for at in ats]``: with ``train.fused_evaluations``, one forward of
-        the repeated batch that gathers each module once, unperturbed (:mod:`.fused`)."""
-        if self._fused is None or len(ats) < 2:
-            return [self.loss(batch, at) for at in ats]
-        return self._forward(lambda m, b: batch_losses(m, b, len(ats)), batch, ats=ats)
-
-    def scores(self, batch) -> torch.Tensor:
-        return self._forward(candidate_scores, batch)
+    def _release(self) -> None:
+        self.release()
 
     def close(self, leave_group: bool = True) -> None:
         """Free the model while the interpreter is intact, then leave the process group.
