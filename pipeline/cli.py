@@ -293,7 +293,7 @@ def check_sharding(config, overrides, nproc_per_node, steps, backends, out):
     of losses and parameters of the sharded backends against the single-process run."""
     import tempfile
 
-    from pipeline.parallel.check import run_check
+    from pipeline.sharding_check import run_check
 
     cfg = _config(config, overrides)
     if cfg.train.batch_size % nproc_per_node:

@@ -178,7 +178,7 @@ def test_compiled_noise_is_world_size_invariant_on_fsdp_and_zero3(monkeypatch, t
                                                                    tmp_path):
     """The real 2-rank check on the compiled path (every tiny parameter above the threshold),
     with the noise cache on: perturbations bitwise equal to the single-process ones."""
-    from pipeline.parallel.check import run_check
+    from pipeline.sharding_check import run_check
 
     monkeypatch.setenv("ZO_NOISE_COMPILE_MIN", "0")
     small = [f"model.name_or_path={tiny_model_dir}", "data.n_train=64", "data.n_val=16",

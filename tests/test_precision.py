@@ -19,10 +19,10 @@ from pipeline.config import MethodConfig, load_config
 from pipeline.metrics import read_jsonl
 from pipeline.models.objective import batch_loss
 from pipeline.parallel import make_shard, trainable_names
-from pipeline.parallel.check import _load_whole, run_check
 from pipeline.parallel.delivery import UndeliveredPerturbation
 from pipeline.parallel.single import SingleBackend
 from pipeline.parallel.swap_delivery import SwapDelivery
+from pipeline.sharding_check import _load_whole, run_check
 from pipeline.zo.directions import Term
 from pipeline.zo.methods import METHODS, StepContext
 from pipeline.zo.methods.lozo import factors, low_rank_pieces

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from pipeline import checkpoint
 from pipeline.metrics import read_jsonl
-from pipeline.parallel.check import run_check
+from pipeline.sharding_check import run_check
 
 BACKENDS = ["fsdp", "zero3"]
 pytestmark = pytest.mark.slow

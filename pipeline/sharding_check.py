@@ -88,7 +88,7 @@ def run_check(config: str | None, overrides: list[str], nproc: int, steps: int, 
     runs = {"single": (["parallel.backend=single"], 1)}
     runs.update({b: ([f"parallel.backend={b}"], nproc) for b in backends})
     for name, (extra, n) in runs.items():
-        cmd = ["-m", "pipeline.parallel.check", str(out / name), str(steps), config or "-",
+        cmd = ["-m", "pipeline.sharding_check", str(out / name), str(steps), config or "-",
                *base, *extra]
         if n > 1:
             cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *cmd]
