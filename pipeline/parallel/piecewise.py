@@ -13,7 +13,10 @@ from pieces of the perturbed weight, each written by the delivery from the store
   perturbed weight;
 - linear: row chunks of the weight, each giving its columns of the output (the products are the
   same dot products; a BLAS may block them differently than one big product, so the outputs agree
-  to rounding, deterministically).
+  to rounding, deterministically). A chunk is sized so that both the weight piece and its part of
+  the output stay under :data:`PIECE_BYTES`: an LM head's output part is the batch's tokens times
+  the chunk's vocabulary rows, and with 16 MiB weight pieces that part (26 MiB on the fp16 demo
+  batch) plus the piece was 45 MiB beyond inference (``bench/memory.py``).
 
 With no perturbation active the module runs its own forward unchanged.
 """
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 
 from pipeline.zo.shards import ParamShard
 
-PIECE_BYTES = 16 * 2**20  # a weight larger than this is perturbed in pieces of about this size
+PIECE_BYTES = 4 * 2**20  # a weight larger than this is perturbed in pieces of at most this size
 
 
 def qualifies(module: torch.nn.Module, weight_shard: ParamShard | None) -> bool:
@@ -73,7 +76,9 @@ def linear(delivery, module: torch.nn.Linear, shards, x: torch.Tensor):
     if bias is not None and "bias" in shards:
         bias = torch.empty_like(bias)
         delivery.write(shards["bias"], bias)
-    step = max(1, PIECE_BYTES // (in_features * weight.element_size()))
+    tokens = x.numel() // in_features
+    step = max(1, min(PIECE_BYTES // (in_features * weight.element_size()),
+                      PIECE_BYTES // max(1, tokens * x.element_size())))
     out = None
     for a in range(0, out_features, step):
         b = min(a + step, out_features)
