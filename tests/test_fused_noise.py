@@ -99,6 +99,36 @@ def test_one_compiled_kernel_serves_every_size_offset_seed_and_scale():
     assert kernel._runners == loaded and sorted(noise_aot.kernel_dir().glob("*.pt2")) == packages
 
 
+def test_the_cpu_kernels_run_on_the_threads_the_run_sets_with_the_same_values():
+    """The AOT kernel's loop is an OpenMP parallel region sized at run time (a kernel built
+    serial ran on one core of a 2-thread run: MeZO's three noise passes took twice the time),
+    and the values do not depend on the thread count."""
+    import zipfile
+
+    n = 1 << 20
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            w = torch.zeros(n)
+            noise.apply(w, w, 5, 6, 11, n + 11, 0.0, 1.0, 1.0)
+            h = torch.linspace(-1, 1, n).to(torch.bfloat16)
+            noise.apply(h, h, 5, 6, 0, n, 0.0, 1.0, 1e-3, rounding=8)
+            outs.append((w, h))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    for kind, dtypes in [("gaussian", (torch.float32,) * 2), ("gaussian_sr", (torch.bfloat16,) * 2)]:
+        path = noise_aot.package_path(kind, (*dtypes, torch.int32, torch.int32,
+                                             *((torch.int32,) if kind.endswith("_sr") else ()),
+                                             torch.float32))
+        with zipfile.ZipFile(path) as package:
+            code = "".join(package.read(name).decode() for name in package.namelist()
+                           if name.endswith("kernel.cpp"))
+        assert "#pragma omp parallel\n" in code or "#pragma omp parallel\r" in code, kind
+
+
 def test_the_compiled_cpu_path_keeps_the_compiler_out_of_the_process():
     """The kernels are built in a subprocess and loaded by AOTInductor's C++ loader: the
     training process never imports dynamo or inductor (about 155 MiB resident)."""

@@ -11,9 +11,9 @@ generated C++ is the same inductor code ``torch.compile`` emits for :mod:`noise_
 
 A package is built the first time a signature is needed on a machine (about 15-20 s of CPU per
 signature; a run needs 1-4) and reused by every later process. The key holds the torch version,
-a hash of the kernels' source (:mod:`noise_math`, :mod:`rounding`: a change rebuilds) and of the
-CPU's flags and ``ATEN_CPU_CAPABILITY`` (the code is built for the host's instruction set, so
-nodes of a cluster with other CPUs sharing one cache directory each get their own). Ranks
+a hash of the kernels' source (:mod:`noise_math`, :mod:`rounding`) and build options (a change
+rebuilds), and of the CPU's flags and ``ATEN_CPU_CAPABILITY`` (the code is built for the host's
+instruction set, so nodes of a cluster with other CPUs sharing one cache directory each get their own). Ranks
 starting together build once: the build runs under an exclusive ``flock`` and lands by rename.
 """
 
@@ -39,7 +39,12 @@ from pipeline.zo import noise_math, rounding
 # 0-d offset, the key words and the coefficients (fixed shapes)
 ELEMENTS = {"gaussian": (0, 1), "rademacher": (0, 1), "gaussian_sr": (0, 1),
             "rademacher_sr": (0, 1), "stored": (0, 1, 2), "stored_sr": (0, 1, 2), "round": (0, 1)}
-EXAMPLE = 64  # the traced length: a small hint keeps the loop serial, as torch.compile's is
+EXAMPLE = 64  # the traced length (shapes are dynamic: any length runs)
+# The loop is parallel over the threads the calling process sets (torch.set_num_threads), not a
+# count fixed at build time: with a static thread count inductor would decide from the small
+# traced length (or a 1-thread build process) to emit a serial loop, and the kernel ran on one
+# core of however many the run was given. Elementwise, so the values do not depend on the split.
+BUILD_OPTIONS = {"cpp.dynamic_threads": True}
 BUILD_TIMEOUT = 900
 
 
@@ -57,7 +62,8 @@ def cache_key() -> str:
     """The directory name of this machine's packages."""
     parts = [torch.__version__, platform.machine(), _cpu_flags(),
              os.environ.get("ATEN_CPU_CAPABILITY", ""),  # inductor vectorises for it
-             inspect.getsource(noise_math), inspect.getsource(rounding)]
+             inspect.getsource(noise_math), inspect.getsource(rounding), repr(BUILD_OPTIONS),
+             str(EXAMPLE)]
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     return f"torch-{torch.__version__.replace('+', '-')}-{digest}"
 
@@ -110,7 +116,9 @@ def build(kind: str, dtypes: tuple[torch.dtype, ...], path: Path) -> None:
     dynamic = tuple({0: n} if i in ELEMENTS[kind] else None for i in range(len(args)))
     program = torch.export.export(_Kernel(kind), args, dynamic_shapes=(dynamic,), strict=False)
     # stochastic rounding casts to 16 bits and back on purpose: inductor must not fold that
-    options = {"emulate_precision_casts": True} if kind.endswith("_sr") or kind == "round" else {}
+    options = dict(BUILD_OPTIONS)
+    if kind.endswith("_sr") or kind == "round":
+        options["emulate_precision_casts"] = True
     from torch._inductor import aoti_compile_and_package  # only in the build process
 
     tmp = path.with_name(f".{os.getpid()}.{path.name}")  # a .pt2 name, as the packager asks
