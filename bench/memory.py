@@ -108,6 +108,10 @@ def _method_overrides(method: str) -> list[str]:
             for k, v in section.items()] + EXTRA.get(method, [])
 
 
+class RowFailed(RuntimeError):
+    """One measurement's process failed (its stderr went to ours); the table goes on."""
+
+
 def _measure(args, mode: str, backend: str, dtype: str, extra: list[str]) -> int:
     nproc = 1 if backend == "single" else args.nproc
     threads = 2 if nproc == 1 else 1
@@ -118,7 +122,10 @@ def _measure(args, mode: str, backend: str, dtype: str, extra: list[str]) -> int
         cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd]
     out = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"{mode} {backend} {dtype} {extra} failed:\n{out.stderr[-3000:]}")
+        lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+        print(f"{mode} {backend} {dtype} {' '.join(extra)} failed:\n{out.stderr[-3000:]}",
+              file=sys.stderr, flush=True)
+        raise RowFailed(lines[-1][:200] if lines else f"exit status {out.returncode}")
     peaks = [json.loads(ln)["peak"] for ln in out.stdout.splitlines() if ln.startswith("{")]
     return max(peaks)
 
@@ -142,12 +149,25 @@ def main() -> None:
     print("| backend | dtype | method | train peak (MiB) | inference peak (MiB) "
           "| train / inference | note |")
     print("|---|---|---|---|---|---|---|", flush=True)
+    failed = 0
     for backend in args.backends.split(","):
         ranks = 1 if backend == "single" else args.nproc
         for dtype in args.dtypes.split(","):
-            base = _measure(args, "inference", backend, dtype, [])
+            try:
+                base = _measure(args, "inference", backend, dtype, [])
+            except RowFailed as exc:
+                print(f"| {backend} | {dtype} | (inference) | - | - | - | failed: {exc} |",
+                      flush=True)
+                failed += 1
+                continue
             for method in methods:
-                peak = _measure(args, "train", backend, dtype, _method_overrides(method))
+                try:
+                    peak = _measure(args, "train", backend, dtype, _method_overrides(method))
+                except RowFailed as exc:
+                    print(f"| {backend} | {dtype} | {method} | - | {base / 2**20:.0f} | - | "
+                          f"failed: {exc} |", flush=True)
+                    failed += 1
+                    continue
                 note = ""
                 if method in MOMENT_BYTES:
                     moments = MOMENT_BYTES[method] * trainable / ranks
@@ -157,6 +177,8 @@ def main() -> None:
                       f"{base / 2**20:.0f} | {peak / base:.3f} | {note} |", flush=True)
     print(f"\n(job {args.job} {' '.join(args.overrides)}; loop peaks over {args.steps} steps or "
           f"forwards after a warm-up one; fsdp/zero3 on {args.nproc} ranks, 1 thread each)")
+    if failed:
+        raise SystemExit(f"{failed} measurement(s) failed: their errors are above")
 
 
 def _meta_params(args):
