@@ -145,6 +145,40 @@ def test_large_embeddings_and_linears_are_perturbed_in_pieces_as_the_whole_weigh
     assert sizes and max(sizes) < largest
 
 
+def test_a_piecewise_head_bounds_its_output_parts_as_well_as_its_weight_pieces(monkeypatch):
+    """An LM head's part of the output per weight chunk is tokens x rows: bounded by
+    PIECE_BYTES like the weight piece (with 16 MiB pieces the fp16 demo head's output parts were
+    26 MiB, the whole of MeZO's excess over inference), and the result is still the product
+    with the whole perturbed weight."""
+    import torch.nn.functional as F
+
+    from pipeline.parallel import piecewise
+
+    monkeypatch.setattr(piecewise, "PIECE_BYTES", 4096)
+    head = torch.nn.Linear(4, 4096, bias=False).requires_grad_(False)  # rows of 16 B
+    params = dict(head.named_parameters())
+    shard = make_shard("weight", head.weight.shape, 0, head.weight.data.view(-1), master=False)
+    delivery = SwapDelivery(head, [shard], params, piecewise_large=True)
+    x = torch.randn(2, 8, 4)  # 16 tokens: 64 B of output per weight row
+    at = Perturbation.dense(3, 1e-2)
+    whole = torch.empty_like(head.weight)
+    at.write(shard, whole.view(-1))
+    parts = []
+    real = F.linear
+
+    def recording(inp, weight, bias=None):
+        out = real(inp, weight, bias)
+        parts.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(F, "linear", recording)
+    with delivery.applying(at):
+        got = head(x)
+    monkeypatch.setattr(F, "linear", real)
+    torch.testing.assert_close(got, x @ whole.T, rtol=1e-6, atol=1e-6)
+    assert len(parts) == 4096 // 64 and max(parts) <= 4096
+
+
 def test_a_weight_read_outside_its_module_is_an_error_not_a_silent_unperturbed_forward():
     class Odd(torch.nn.Module):  # reads its child's weight without calling the child
         def __init__(self):
