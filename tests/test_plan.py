@@ -2,6 +2,7 @@
 and validation of every shipped job file."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -271,7 +272,9 @@ def test_every_learning_spec_expands_to_valid_configs(spec):
     loader.loader.exec_module(bench)
     expanded = bench.load_spec(spec)
     shared = [f"{k}={bench._value(v)}" for k, v in (expanded.get("overrides") or {}).items()]
-    assert len(expanded["runs"]) >= 2
+    raw = yaml.safe_load(spec.read_text())["runs"]  # one run per point of each run's sweep
+    assert len(expanded["runs"]) == sum(math.prod(len(v) for v in r.get("sweep", {}).values())
+                                        for r in raw)
     for _name, _group, recipe, overrides in expanded["runs"]:
         cfg = load_config(ROOT / recipe, [*shared, *overrides])
         for item in overrides:  # each run's own settings reach its config
