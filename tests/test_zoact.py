@@ -375,3 +375,31 @@ def test_export_merges_c_vt_or_writes_the_adapter_alone(tiny_job, tmp_path):
     assert set(tensors) == {f"{n}.{k}" for n in state["names"] for k in "VC"}
     assert all(torch.equal(tensors[f"{n}.C"], state["C"][n]) for n in state["names"])
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
+
+
+def test_fp32_flow_linear_upcasts_in_chunks_written_into_one_output(monkeypatch):
+    """fp32 activations meeting a bf16 weight: the product is the fp32 one, computed in row
+    chunks whose fp32 weight AND output part stay under CHUNK_BYTES, written into one output
+    (the pieces were concatenated: an LM head's fp32 logits were held twice)."""
+    import torch.nn.functional as F
+
+    from pipeline.models import fp32_flow
+
+    monkeypatch.setattr(fp32_flow, "CHUNK_BYTES", 1024)
+    weight = torch.randn(300, 4).to(torch.bfloat16)  # 16 B fp32 rows: 64 rows by weight
+    bias = torch.randn(300).to(torch.bfloat16)
+    x = torch.randn(2, 8, 4)  # 16 tokens x 4 B: 16 rows by output
+    parts = []
+    real = F.linear
+
+    def recording(inp, w, b=None):
+        out = real(inp, w, b)
+        parts.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(F, "linear", recording)
+    got = fp32_flow._linear(x, weight, bias)
+    monkeypatch.setattr(F, "linear", real)
+    assert got.dtype == torch.float32 and got.shape == (2, 8, 300)
+    torch.testing.assert_close(got, real(x, weight.float(), bias.float()), rtol=1e-6, atol=1e-6)
+    assert len(parts) == -(-300 // 16) and max(parts) <= 1024

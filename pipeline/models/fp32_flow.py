@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-CHUNK_BYTES = 16 * 2**20  # the largest transient fp32 weight piece of a linear layer
+CHUNK_BYTES = 16 * 2**20  # the largest transient fp32 weight piece (and output part)
 LOW = (torch.bfloat16, torch.float16)
 MEET = {F.linear, F.layer_norm, F.group_norm, F.rms_norm, F.scaled_dot_product_attention,
         torch.matmul, torch.bmm, torch.baddbmm, torch.addmm, torch.Tensor.__matmul__}
@@ -42,14 +42,22 @@ def _up(value):
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` in fp32 with the weight upcast ``CHUNK_BYTES`` of rows at a time."""
-    rows = max(1, CHUNK_BYTES // (4 * weight.shape[-1]))
-    weights = weight.split(rows)
-    biases = [None] * len(weights) if bias is None else bias.split(rows)
-    pieces = [F.linear(x, _up(w), _up(b)) for w, b in zip(weights, biases)]
-    if len(pieces) == 1:
-        return pieces[0]
-    return torch.cat(pieces, dim=-1)
+    """``F.linear`` in fp32 with the weight upcast in row chunks: each chunk's fp32 weight and
+    its columns of the output stay under ``CHUNK_BYTES`` and are written into one output tensor
+    (an LM head's logits are not held twice, as pieces and as their concatenation)."""
+    out_features, in_features = weight.shape[0], weight.shape[-1]
+    tokens = x.numel() // in_features
+    rows = max(1, min(CHUNK_BYTES // (4 * in_features), CHUNK_BYTES // max(1, 4 * tokens)))
+    if rows >= out_features:
+        return F.linear(x, _up(weight), _up(bias))
+    out = None
+    for a in range(0, out_features, rows):
+        b = min(a + rows, out_features)
+        part = F.linear(x, _up(weight[a:b]), None if bias is None else _up(bias[a:b]))
+        if out is None:
+            out = part.new_empty(*part.shape[:-1], out_features)
+        out[..., a:b] = part
+    return out
 
 
 class _Mode(TorchFunctionMode):
