@@ -76,7 +76,8 @@ class DistributedBackend:
         self.world_size = dist.get_world_size()
 
     def _release(self) -> None:
-        raise NotImplementedError
+        """Free what a forward gathered (fsdp: reshard; zero3: release the partitions). The
+        base class gathers nothing, so there is nothing to free."""
 
     def _forward(self, fn, batch, at=None, ats=None):
         batch = batch.to(self.device)
