@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -49,6 +52,27 @@ def record_reductions(backend) -> list[int]:
 
     backend.all_reduce_mean = counting
     return sizes
+
+
+@contextmanager
+def recording_linear_outputs() -> Iterator[list[int]]:
+    """Within the block, every ``F.linear`` call records its output's bytes in the list yielded
+    (the calls that look ``F.linear`` up at call time: piecewise and fp32-flow chunks)."""
+    import torch.nn.functional as F
+
+    parts: list[int] = []
+    real = F.linear
+
+    def recording(inp, weight, bias=None):
+        out = real(inp, weight, bias)
+        parts.append(out.numel() * out.element_size())
+        return out
+
+    F.linear = recording
+    try:
+        yield parts
+    finally:
+        F.linear = real
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

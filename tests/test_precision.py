@@ -150,7 +150,7 @@ def test_a_piecewise_head_bounds_its_output_parts_as_well_as_its_weight_pieces(m
     PIECE_BYTES like the weight piece (with 16 MiB pieces the fp16 demo head's output parts were
     26 MiB, the whole of MeZO's excess over inference), and the result is still the product
     with the whole perturbed weight."""
-    import torch.nn.functional as F
+    from conftest import recording_linear_outputs
 
     from pipeline.parallel import piecewise
 
@@ -163,18 +163,8 @@ def test_a_piecewise_head_bounds_its_output_parts_as_well_as_its_weight_pieces(m
     at = Perturbation.dense(3, 1e-2)
     whole = torch.empty_like(head.weight)
     at.write(shard, whole.view(-1))
-    parts = []
-    real = F.linear
-
-    def recording(inp, weight, bias=None):
-        out = real(inp, weight, bias)
-        parts.append(out.numel() * out.element_size())
-        return out
-
-    monkeypatch.setattr(F, "linear", recording)
-    with delivery.applying(at):
+    with recording_linear_outputs() as parts, delivery.applying(at):
         got = head(x)
-    monkeypatch.setattr(F, "linear", real)
     torch.testing.assert_close(got, x @ whole.T, rtol=1e-6, atol=1e-6)
     assert len(parts) == 4096 // 64 and max(parts) <= 4096
 

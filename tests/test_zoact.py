@@ -382,6 +382,7 @@ def test_fp32_flow_linear_upcasts_in_chunks_written_into_one_output(monkeypatch)
     chunks whose fp32 weight AND output part stay under CHUNK_BYTES, written into one output
     (the pieces were concatenated: an LM head's fp32 logits were held twice)."""
     import torch.nn.functional as F
+    from conftest import recording_linear_outputs
 
     from pipeline.models import fp32_flow
 
@@ -389,17 +390,9 @@ def test_fp32_flow_linear_upcasts_in_chunks_written_into_one_output(monkeypatch)
     weight = torch.randn(300, 4).to(torch.bfloat16)  # 16 B fp32 rows: 64 rows by weight
     bias = torch.randn(300).to(torch.bfloat16)
     x = torch.randn(2, 8, 4)  # 16 tokens x 4 B: 16 rows by output
-    parts = []
-    real = F.linear
-
-    def recording(inp, w, b=None):
-        out = real(inp, w, b)
-        parts.append(out.numel() * out.element_size())
-        return out
-
-    monkeypatch.setattr(F, "linear", recording)
-    got = fp32_flow._linear(x, weight, bias)
-    monkeypatch.setattr(F, "linear", real)
+    with recording_linear_outputs() as parts:
+        got = fp32_flow._linear(x, weight, bias)
     assert got.dtype == torch.float32 and got.shape == (2, 8, 300)
-    torch.testing.assert_close(got, real(x, weight.float(), bias.float()), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, F.linear(x, weight.float(), bias.float()), rtol=1e-6,
+                               atol=1e-6)
     assert len(parts) == -(-300 // 16) and max(parts) <= 1024
