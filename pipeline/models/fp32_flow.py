@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from pipeline.models.chunked_linear import chunk_rows, linear_in_chunks
+
 CHUNK_BYTES = 16 * 2**20  # the largest transient fp32 weight piece (and output part)
 LOW = (torch.bfloat16, torch.float16)
 MEET = {F.linear, F.layer_norm, F.group_norm, F.rms_norm, F.scaled_dot_product_attention,
@@ -42,22 +44,15 @@ def _up(value):
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` in fp32 with the weight upcast in row chunks: each chunk's fp32 weight and
-    its columns of the output stay under ``CHUNK_BYTES`` and are written into one output tensor
-    (an LM head's logits are not held twice, as pieces and as their concatenation)."""
+    """``F.linear`` in fp32 with the weight upcast in row chunks
+    (:mod:`pipeline.models.chunked_linear`): each chunk's fp32 weight and its part of the
+    output stay under ``CHUNK_BYTES``, written into one output tensor."""
     out_features, in_features = weight.shape[0], weight.shape[-1]
-    tokens = x.numel() // in_features
-    rows = max(1, min(CHUNK_BYTES // (4 * in_features), CHUNK_BYTES // max(1, 4 * tokens)))
+    rows = chunk_rows(x, in_features, 4, 4, CHUNK_BYTES)
     if rows >= out_features:
         return F.linear(x, _up(weight), _up(bias))
-    out = None
-    for a in range(0, out_features, rows):
-        b = min(a + rows, out_features)
-        part = F.linear(x, _up(weight[a:b]), None if bias is None else _up(bias[a:b]))
-        if out is None:
-            out = part.new_empty(*part.shape[:-1], out_features)
-        out[..., a:b] = part
-    return out
+    return linear_in_chunks(x, out_features, rows, lambda a, b: (
+        _up(weight[a:b]), None if bias is None else _up(bias[a:b])))
 
 
 class _Mode(TorchFunctionMode):

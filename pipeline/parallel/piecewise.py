@@ -11,12 +11,10 @@ from pieces of the perturbed weight, each written by the delivery from the store
 
 - embedding: only the rows the batch looks up, so its output is bitwise that of the whole
   perturbed weight;
-- linear: row chunks of the weight, each giving its columns of the output (the products are the
-  same dot products; a BLAS may block them differently than one big product, so the outputs agree
-  to rounding, deterministically). A chunk is sized so that both the weight piece and its part of
-  the output stay under :data:`PIECE_BYTES`: an LM head's output part is the batch's tokens times
-  the chunk's vocabulary rows, and with 16 MiB weight pieces that part (26 MiB on the fp16 demo
-  batch) plus the piece was 45 MiB beyond inference (``bench/memory.py``).
+- linear: row chunks of the weight (:mod:`pipeline.models.chunked_linear`), each chunk's weight
+  piece and its part of the output under :data:`PIECE_BYTES` (with 16 MiB weight pieces and no
+  bound on the output part, the fp16 demo head's 26 MiB parts plus its pieces were 45 MiB beyond
+  inference, ``bench/memory.py``).
 
 With no perturbation active the module runs its own forward unchanged.
 """
@@ -28,6 +26,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from pipeline.models.chunked_linear import chunk_rows, linear_in_chunks
 from pipeline.zo.shards import ParamShard
 
 PIECE_BYTES = 4 * 2**20  # a weight larger than this is perturbed in pieces of at most this size
@@ -76,16 +75,11 @@ def linear(delivery, module: torch.nn.Linear, shards, x: torch.Tensor):
     if bias is not None and "bias" in shards:
         bias = torch.empty_like(bias)
         delivery.write(shards["bias"], bias)
-    tokens = x.numel() // in_features
-    step = max(1, min(PIECE_BYTES // (in_features * weight.element_size()),
-                      PIECE_BYTES // max(1, tokens * x.element_size())))
-    out = None
-    for a in range(0, out_features, step):
-        b = min(a + step, out_features)
+    rows = chunk_rows(x, in_features, weight.element_size(), x.element_size(), PIECE_BYTES)
+
+    def chunk(a: int, b: int):
         piece = torch.empty(b - a, in_features, dtype=weight.dtype, device=weight.device)
         delivery.write(shard, piece.view(-1), offset=a * in_features)
-        part = F.linear(x, piece, None if bias is None else bias[a:b])
-        if out is None:
-            out = part.new_empty(*part.shape[:-1], out_features)
-        out[..., a:b] = part
-    return out
+        return piece, None if bias is None else bias[a:b]
+
+    return linear_in_chunks(x, out_features, rows, chunk)
