@@ -119,10 +119,10 @@ def test_the_cpu_kernels_run_on_the_threads_the_run_sets_with_the_same_values():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    for kind, dtypes in [("gaussian", (torch.float32,) * 2), ("gaussian_sr", (torch.bfloat16,) * 2)]:
-        path = noise_aot.package_path(kind, (*dtypes, torch.int32, torch.int32,
-                                             *((torch.int32,) if kind.endswith("_sr") else ()),
-                                             torch.float32))
+    f32, bf16, i32 = torch.float32, torch.bfloat16, torch.int32
+    for kind, dtypes in [("gaussian", (f32, f32, i32, i32, f32)),
+                         ("gaussian_sr", (bf16, bf16, i32, i32, i32, f32))]:
+        path = noise_aot.package_path(kind, dtypes)
         with zipfile.ZipFile(path) as package:
             code = "".join(package.read(name).decode() for name in package.namelist()
                            if name.endswith("kernel.cpp"))

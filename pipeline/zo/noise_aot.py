@@ -13,8 +13,9 @@ A package is built the first time a signature is needed on a machine (about 15-2
 signature; a run needs 1-4) and reused by every later process. The key holds the torch version,
 a hash of the kernels' source (:mod:`noise_math`, :mod:`rounding`) and build options (a change
 rebuilds), and of the CPU's flags and ``ATEN_CPU_CAPABILITY`` (the code is built for the host's
-instruction set, so nodes of a cluster with other CPUs sharing one cache directory each get their own). Ranks
-starting together build once: the build runs under an exclusive ``flock`` and lands by rename.
+instruction set, so nodes of a cluster with other CPUs sharing one cache directory each get
+their own). Ranks starting together build once: the build runs under an exclusive ``flock``
+and lands by rename.
 """
 
 from __future__ import annotations
