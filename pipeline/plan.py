@@ -17,8 +17,9 @@ the real ones. The memory figures are arithmetic over those shapes, per rank, fo
 - **fp32 masters**: 4 bytes per local trainable element, only with ``precision.master_weights:
   fp32`` (the default keeps none: 16-bit updates land by stochastic rounding).
 - **method state**: ZO-Adam's two fp32 moments per trainable element, ZO-SGD momentum's one (the
-  moments stay fp32, sharded like the weights); LOZO's factors; AGZO's bases,
-  ``R`` factors and activation row samples (each hooked layer counted as its own input: an upper
+  moments stay fp32, sharded like the weights); LOZO's factors; P-GAP's factors (``V`` and the
+  rank's rows of ``U`` per matrix, in the storage dtype, plus a refresh's thin products); AGZO's
+  bases, ``R`` factors and activation row samples (each hooked layer counted as its own input: an upper
   bound, q/k/v share one in the real run); ZO-Act's ``V``, ``C``, Adam moments and calibration rows.
   MeZO and BSZO keep nothing of parameter size.
 - **activations**: a forward without autograd keeps one block's activations at a time:
@@ -170,6 +171,36 @@ def _linears(model, patterns) -> list[torch.nn.Linear]:
     return list(linear_modules(model, patterns=patterns).values())
 
 
+def _pgap_state(cfg, params: list[Param], backend: str, world: int) -> tuple[int, int]:
+    """P-GAP's factors on one rank and its refresh's transient. Factors: per trainable matrix
+    ``V`` (in·r, replicated), the rows of ``U`` the rank's slice needs
+    (:func:`~pipeline.zo.methods.pgap.needed_rows`, the largest over the ranks), ``S`` (float64)
+    and the step's core ``Z`` (fp32, r·r); ``U`` and ``V`` in the storage dtype without masters,
+    fp32 with them. Transient, for the largest matrix: the range finder's float64 thin products
+    (two ``out·k``, one ``in·k``, ``k = r + 10``) and one block of ``Ĝ``."""
+    from pipeline.parallel import wants_master
+    from pipeline.zo.methods.pgap import needed_rows
+    from pipeline.zo.noise import BLOCK
+    from pipeline.zo.range_finder import OVERSAMPLE
+
+    fb = 4 if wants_master(cfg) else DTYPE_BYTES[cfg.model.dtype]
+    total, refresh = 0, 0
+    for p in params:
+        if not p.trainable or len(p.shape) != 2:
+            continue
+        out, inner = p.shape
+        r, k = (min(n, out, inner) for n in (cfg.method.pgap_rank,
+                                             cfg.method.pgap_rank + OVERSAMPLE))
+        part = p.local(backend, world)
+        starts = [0] if backend == "single" else [i * part for i in range(world)]
+        rows = max(hi - lo for lo, hi in (needed_rows(p.shape, a, max(0, min(part, p.numel - a)))
+                                          for a in starts))
+        total += fb * r * (inner + rows) + 8 * r + 4 * r * r
+        block = min(max(1, BLOCK // inner), out) * inner  # rows of Ĝ formed at a time
+        refresh = max(refresh, 8 * (k * (2 * out + inner) + block))
+    return total, refresh
+
+
 def _method_state(cfg, model, params: list[Param], backend: str, world: int,
                   act_bytes: int) -> tuple[int, int | None]:
     """Bytes of the method's state on one rank, and its trainable count when it is not the
@@ -186,6 +217,8 @@ def _method_state(cfg, model, params: list[Param], backend: str, world: int,
     if m.name == "lozo":
         return sum(4 * (p.shape[0] + p.shape[1]) * m.lozo_rank
                    for p in params if p.trainable and len(p.shape) == 2), None
+    if m.name == "pgap":
+        return sum(_pgap_state(cfg, params, backend, world)), None
     if m.name == "agzo":
         names = {p.name for p in params if p.trainable}
         hooked = [mod for name, mod in model.named_modules()

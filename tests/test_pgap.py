@@ -352,9 +352,11 @@ def test_replay_equals_the_run_bitwise(tiny_model, tiny_batch, master):
     assert replayer.refreshed_at == pgap.refreshed_at == 2
 
 
-def test_checkpoint_resume_is_bitwise(tiny_job, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_checkpoint_resume_is_bitwise(tiny_job, tmp_path, dtype):
     """A run stopped at step 3 (checkpoint with the factors of the step-2 refresh) and resumed
-    equals the uninterrupted run: losses and weights bitwise, through the real checkpoints."""
+    equals the uninterrupted run: losses and weights bitwise, through the real checkpoints (bf16:
+    no master, the factors and the saved rows of U in bf16)."""
     from safetensors.torch import load_file
 
     from pipeline import checkpoint
@@ -364,13 +366,15 @@ def test_checkpoint_resume_is_bitwise(tiny_job, tmp_path):
 
     common = [*tiny_job, "method.name=pgap", "method.pgap_refresh_every=2", "method.pgap_q=2",
               "method.pgap_rank=4", "tracking.enabled=false", "checkpoint.every=3",
-              "train.eval_zero_shot=false"]
+              "train.eval_zero_shot=false", f"model.dtype={dtype}"]
     run(load_config("jobs/demo.yaml", [*common, "train.steps=5"]), tmp_path / "a",
         progress=False)
     run(load_config("jobs/demo.yaml", [*common, "train.steps=3"]), tmp_path / "b",
         progress=False)
     saved = torch.load(checkpoint.latest(tmp_path / "b")[1] / "method.pt", weights_only=True)
     assert saved["refreshed_at"] == 2 and saved["factors"]
+    want = torch.bfloat16 if dtype == "bf16" else torch.float32
+    assert {f["V"].dtype for f in saved["factors"].values()} == {want}
     run(load_config("jobs/demo.yaml", [*common, "train.steps=5"]), tmp_path / "b",
         progress=False)
 
@@ -381,6 +385,35 @@ def test_checkpoint_resume_is_bitwise(tiny_job, tmp_path):
     a, b = (load_file(str(checkpoint.latest(d)[1] / "shards-rank0.safetensors"))
             for d in (tmp_path / "a", tmp_path / "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("dtype", "master", "want"), [
+    (torch.float32, False, torch.float32), (torch.bfloat16, False, torch.bfloat16),
+    (torch.float16, False, torch.float16), (torch.bfloat16, True, torch.float32)])
+def test_factors_are_kept_in_the_dtype_updates_land_in(tiny_model, tiny_batch, dtype, master,
+                                                        want):
+    """U and V in the 16-bit storage dtype without a master (half of fp32's bytes), fp32 with
+    one; Δ is formed in fp32 from the stored factors, and keeps the aligned projection to the
+    precision of the factors' rounding."""
+    tiny_model.to(dtype)
+    backend, pgap = _setup(tiny_model, master=master, pgap_rank=4, pgap_q=2)
+    pgap.step(StepContext(0, 0, 0.0, tiny_batch, backend))
+    assert pgap.factors
+    seed = 21
+    pgap.set_cores(seed)
+    rel = 1e-4 if want == torch.float32 else 5e-2
+    for shard in pgap.shards:
+        if shard.name not in pgap.factors:
+            continue
+        u, s, v = pgap.factors[shard.name]
+        assert u.dtype == v.dtype == want and s.dtype == torch.float64
+        delta = _dense(pgap, shard, seed).view(shard.shape)
+        core = pgap._cores[shard.name]
+        torch.testing.assert_close(delta, (u.double() @ core.double() @ v.double().T),
+                                   rtol=1e-5, atol=1e-6)
+        projected = (torch.diag(s) * (u.double().T @ delta @ v.double())).sum().item()
+        want_projection = step_sign(seed) * math.sqrt(pgap.cfg.pgap_delta) * s.norm().item()
+        assert projected == pytest.approx(want_projection, rel=rel)
 
 
 @pytest.mark.parametrize("world", [2, 3, 8])

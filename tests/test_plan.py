@@ -192,6 +192,33 @@ def test_plan_weights_line_is_the_loaded_demo_models_tensor_bytes(job, overrides
     assert planned == _tensor_bytes(load_model(cfg.model, torch.device("cpu")))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_plan_counts_pgaps_factors_as_a_refresh_leaves_them(tiny_model_dir, tiny_batch, dtype):
+    """The planner's P-GAP factors (U, V in the storage dtype, S, the step's cores) against the
+    tensors a real P-GAP holds after a refresh on the tiny model."""
+    from pipeline.models.loading import load_model
+    from pipeline.parallel import trainable_names
+    from pipeline.parallel.single import SingleBackend
+    from pipeline.plan import _pgap_state, inventory
+    from pipeline.zo.methods import StepContext
+    from pipeline.zo.methods.pgap import PGAP
+
+    cfg = load_config(ROOT / "jobs/pgap.yaml", [f"model.name_or_path={tiny_model_dir}",
+                                                f"model.dtype={dtype}", "method.pgap_rank=4",
+                                                "method.pgap_q=2"])
+    model = load_model(cfg.model, torch.device("cpu"))
+    params = inventory(meta_model(cfg.model, hf_config(cfg.model)), cfg.model.trainable)
+    factors, refresh = _pgap_state(cfg, params, "single", 1)
+    backend = SingleBackend(model, trainable_names(model, cfg.model.trainable), "cpu",
+                            master=False)
+    pgap = PGAP(cfg.method, backend.shards())
+    pgap.step(StepContext(0, 0, 0.0, tiny_batch, backend))
+    held = sum(t.numel() * t.element_size() for f in pgap.factors.values() for t in f)
+    held += sum(z.numel() * z.element_size() for z in pgap._cores.values())
+    assert factors == held and refresh > 0
+    assert make_plan(cfg).memory["single"]["method"] == factors + refresh
+
+
 def test_plan_cli_prints_memory_and_verdict():
     result = CliRunner().invoke(main, ["plan", str(RECIPES / "opt-13b-mezo-fp16-zero3.yaml"),
                                        "--nodes", "2", "--gpus-per-node", "8"])

@@ -45,10 +45,15 @@ float64 in rank order. Per refresh: one all-gather of the ``2q`` probe losses, t
 weight ``2 + 2·power_iters`` all-reduces of ``out·k`` or ``in·k`` float64 values
 (``k = min(r + 10, out, in)``); no layer is gathered.
 
-Memory. Per weight, ``V`` (fp32, ``in·r``, the same on every rank: every row of ``Δ`` needs all of
-it), ``S`` (float64), the step's core ``Z`` (fp32, ``r·r``) and only the rows of ``U`` that this
-rank's slice of the weight touches, rounded out to whole chunks of :func:`row_pieces` (fp32,
-``rows·r``): ``U`` is sharded like the weight, about ``out·r / W`` per rank. A refresh drops the
+Memory. Per weight, ``V`` (``in·r``, the same on every rank: every row of ``Δ`` needs all of it),
+``S`` (float64), the step's core ``Z`` (fp32, ``r·r``) and only the rows of ``U`` that this rank's
+slice of the weight touches, rounded out to whole chunks of :func:`row_pieces` (``rows·r``):
+``U`` is sharded like the weight, about ``out·r / W`` per rank. ``U`` and ``V`` are kept in the
+dtype updates land in (:func:`factor_dtype`): the 16-bit storage dtype when there is no fp32
+master, so the factors cost what the weights' own dtype costs (half of fp32); each chunk of
+``U`` and ``V`` is upcast to fp32 where ``Δ`` is formed, so ``Δ`` is an fp32 function of the stored
+factors, the same in the perturbation and the update (rounding the factors moves the direction
+by about 2⁻⁸ relative in bf16, and ⟨S̃, Uᵀ Δ V⟩ = ξ√δ‖S̃‖ holds to that precision). A refresh drops the
 old factors before fitting the new ones. During a refresh, one block of ``Ĝ``
 (about ``BLOCK`` rows' worth) and the range finder's thin ``(out or in)·(r+10)`` float64
 products of one layer. The price: each of the range finder's ``2 + 2·power_iters`` passes
@@ -106,6 +111,13 @@ def step_sign(seed: int) -> float:
     return 1.0 if mix(seed, XI_TAG) & 1 else -1.0
 
 
+def factor_dtype(shard: ParamShard) -> torch.dtype:
+    """The dtype ``U`` and ``V`` are kept in: the dtype updates land in (the 16-bit storage
+    dtype without a master; fp32 with a master or fp32 weights)."""
+    dtype = shard.weights.dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def chunk_rows(inner: int) -> int:
     """Rows per chunk of :func:`row_pieces` for a weight of ``inner`` columns."""
     return max(1, BLOCK // inner)
@@ -138,18 +150,18 @@ def row_pieces(a: torch.Tensor, b: torch.Tensor, start: int, numel: int, row0: i
     Rows are computed in chunks of :func:`chunk_rows` rows aligned to multiples of that size
     (``a`` must hold the whole chunks asked for: :func:`needed_rows`), each chunk by matmuls of a
     fixed shape, so an element is bitwise the same whichever slice asks for it. Pieces are fresh
-    tensors the caller may modify.
+    tensors the caller may modify. ``a`` and ``b`` may be 16-bit: each chunk is formed in fp32.
     """
     if numel <= 0:
         return
     inner = b.shape[0]
     out = row0 + a.shape[0] if out is None else out
     chunk = chunk_rows(inner)
-    bt = b.T.contiguous()
+    bt = b.float().T.contiguous()
     end = start + numel
     for c in range(start // inner // chunk, (end - 1) // inner // chunk + 1):
         r0, r1 = c * chunk, min((c + 1) * chunk, out)
-        rows = a[r0 - row0 : r1 - row0]
+        rows = a[r0 - row0 : r1 - row0].float()
         flat = ((rows if core is None else rows @ core) @ bt).view(-1)
         lo, hi = max(start, r0 * inner), min(end, r1 * inner)
         yield lo - start, flat[lo - r0 * inner : hi - r0 * inner]
@@ -220,8 +232,8 @@ class PGAP:
                                   name_key(shard.name + "::pgap.omega"), reduce,
                                   power_iters=self.cfg.pgap_power_iters, device=device)
             lo, hi = needed_rows(shard.shape, shard.start, shard.numel)
-            factors[shard.name] = (u[lo:hi].to(device, torch.float32), s,
-                                   v.to(device, torch.float32))
+            dtype = factor_dtype(shard)
+            factors[shard.name] = (u[lo:hi].to(device, dtype), s, v.to(device, dtype))
             row0[shard.name] = lo
             del u
         self.factors, self.row0 = factors, row0
@@ -333,7 +345,8 @@ class PGAP:
         for name, f in state["factors"].items():
             shard = self._by_name[name]
             lo, hi = needed_rows(shard.shape, shard.start, shard.numel)
-            u = torch.zeros(hi - lo, f["S"].numel(), device=shard.local.device)
+            u = torch.zeros(hi - lo, f["S"].numel(), dtype=f["V"].dtype,
+                            device=shard.local.device)
             self.factors[name] = (u, f["S"], f["V"].to(shard.local.device))
             self.row0[name] = lo
 
