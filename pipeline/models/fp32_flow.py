@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from pipeline.models.chunked_linear import chunk_rows, linear_in_chunks
 
-CHUNK_BYTES = 16 * 2**20  # the largest transient fp32 weight piece (and output part)
+CHUNK_BYTES = 4 * 2**20  # the largest transient fp32 weight piece (and output part)
 LOW = (torch.bfloat16, torch.float16)
 MEET = {F.linear, F.layer_norm, F.group_norm, F.rms_norm, F.scaled_dot_product_attention,
         torch.matmul, torch.bmm, torch.baddbmm, torch.addmm, torch.Tensor.__matmul__}
