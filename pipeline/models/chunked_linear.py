@@ -3,7 +3,8 @@
 Used where a layer's weight must be materialised piece by piece (a perturbed or upcast copy):
 each chunk of ``rows`` weight rows gives its columns of the output, so at any time one chunk's
 weight and one chunk's output part exist beside the output itself. An LM head's output part is
-the batch's tokens times the chunk's vocabulary rows, so :func:`chunk_rows` bounds both.
+the kept tokens (``logits_to_keep``: one per row on a classification batch, the candidate's
+tokens otherwise) times the chunk's vocabulary rows, so :func:`chunk_rows` bounds both.
 The products are the same dot products as one big product; a BLAS may block them differently,
 so the outputs agree to rounding, deterministically.
 """

@@ -12,9 +12,10 @@ from pieces of the perturbed weight, each written by the delivery from the store
 - embedding: only the rows the batch looks up, so its output is bitwise that of the whole
   perturbed weight;
 - linear: row chunks of the weight (:mod:`pipeline.models.chunked_linear`), each chunk's weight
-  piece and its part of the output under :data:`PIECE_BYTES` (with 16 MiB weight pieces and no
-  bound on the output part, the fp16 demo head's 26 MiB parts plus its pieces were 45 MiB beyond
-  inference, ``bench/memory.py``).
+  piece and its part of the output under :data:`PIECE_BYTES` (with 16 MiB pieces MeZO's fp16
+  training peak on the demo model was 46 MiB above inference, with 4 MiB pieces 1 MiB below,
+  ``bench/memory.py``; the head sees only the kept positions, ``logits_to_keep``, so on a
+  classification batch its output parts are small and the weight pieces are what counts).
 
 With no perturbation active the module runs its own forward unchanged.
 """
