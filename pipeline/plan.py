@@ -19,9 +19,9 @@ the real ones. The memory figures are arithmetic over those shapes, per rank, fo
 - **method state**: ZO-Adam's two fp32 moments per trainable element, ZO-SGD momentum's one (the
   moments stay fp32, sharded like the weights); LOZO's factors; P-GAP's factors (``V`` and the
   rank's rows of ``U`` per matrix, in the storage dtype, plus a refresh's thin products); AGZO's
-  bases, ``R`` factors and activation row samples (each hooked layer counted as its own input: an upper
-  bound, q/k/v share one in the real run); ZO-Act's ``V``, ``C``, Adam moments and calibration rows.
-  MeZO and BSZO keep nothing of parameter size.
+  bases, ``R`` factors and activation row samples (each hooked layer counted as its own input:
+  an upper bound, q/k/v share one in the real run); ZO-Act's ``V``, ``C``, Adam moments and
+  calibration rows. MeZO and BSZO keep nothing of parameter size.
 - **activations**: a forward without autograd keeps one block's activations at a time:
   ``b·T·(6h + 3f)`` values for micro-batch ``b`` (training or evaluation, the larger), ``T =
   data.max_length``, hidden ``h`` and MLP width ``f``, plus the fp32 logits of the kept position

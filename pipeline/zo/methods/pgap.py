@@ -53,8 +53,8 @@ dtype updates land in (:func:`factor_dtype`): the 16-bit storage dtype when ther
 master, so the factors cost what the weights' own dtype costs (half of fp32); each chunk of
 ``U`` and ``V`` is upcast to fp32 where ``Δ`` is formed, so ``Δ`` is an fp32 function of the stored
 factors, the same in the perturbation and the update (rounding the factors moves the direction
-by about 2⁻⁸ relative in bf16, and ⟨S̃, Uᵀ Δ V⟩ = ξ√δ‖S̃‖ holds to that precision). A refresh drops the
-old factors before fitting the new ones. During a refresh, one block of ``Ĝ``
+by about 2⁻⁸ relative in bf16, and ⟨S̃, Uᵀ Δ V⟩ = ξ√δ‖S̃‖ holds to that precision). A
+refresh drops the old factors before fitting the new ones. During a refresh, one block of ``Ĝ``
 (about ``BLOCK`` rows' worth) and the range finder's thin ``(out or in)·(r+10)`` float64
 products of one layer. The price: each of the range finder's ``2 + 2·power_iters`` passes
 regenerates the ``q`` probes' noise over the rank's slice (``q·(2 + 2·power_iters)`` dense
@@ -87,7 +87,7 @@ from pipeline.zo.methods.lozo import is_matrix
 from pipeline.zo.noise import BLOCK, gaussian
 from pipeline.zo.perturbation import Perturbation
 from pipeline.zo.range_finder import sharded_svd
-from pipeline.zo.rounding import rounding_seed
+from pipeline.zo.rounding import ROUNDED, rounding_seed
 from pipeline.zo.seeds import mix, name_key, step_seed
 from pipeline.zo.shards import ParamShard
 from pipeline.zo.update import update
@@ -115,7 +115,7 @@ def factor_dtype(shard: ParamShard) -> torch.dtype:
     """The dtype ``U`` and ``V`` are kept in: the dtype updates land in (the 16-bit storage
     dtype without a master; fp32 with a master or fp32 weights)."""
     dtype = shard.weights.dtype
-    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return dtype if dtype in ROUNDED else torch.float32
 
 
 def chunk_rows(inner: int) -> int:
