@@ -28,7 +28,7 @@ from pipeline.zo.methods.pgap import (
 from pipeline.zo.noise import gaussian
 from pipeline.zo.noise_cache import NoiseCache
 from pipeline.zo.perturbation import Perturbation
-from pipeline.zo.range_finder import sharded_svd, slice_rows
+from pipeline.zo.range_finder import _orth, sharded_svd, slice_rows
 from pipeline.zo.seeds import name_key
 
 
@@ -193,6 +193,28 @@ def test_range_finder_with_full_rank_is_the_exact_svd():
     assert u.shape == (6, 6) and v.shape == (10, 6)  # rank capped by the dims
     torch.testing.assert_close(s, torch.linalg.svdvals(g.double()), rtol=1e-12, atol=0)
     torch.testing.assert_close(u @ torch.diag(s) @ v.T, g.double(), rtol=0, atol=1e-6)
+
+
+def test_orth_overwrites_a_column_major_input_and_keeps_the_span():
+    torch.manual_seed(2)
+    y = torch.randn(3, 50, dtype=torch.float64).T  # column-major (50, 3)
+    before, ptr = y.clone(), y.data_ptr()
+    q = _orth(y)
+    assert q.data_ptr() == ptr  # Householder QR in place: no second (out, k) matrix
+    torch.testing.assert_close(q.T @ q, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(q @ (q.T @ before), before, rtol=0, atol=1e-12)
+    assert torch.equal(_orth(before.clone()), q)  # a row-major copy: the same Q, bitwise
+
+
+def test_range_finder_returns_only_the_asked_rows_of_u_in_the_asked_dtype():
+    torch.manual_seed(3)
+    g = torch.randn(300, 40)
+    args = (slice_rows(g.reshape(-1), (300, 40), 0), (300, 40), 0, 12000, 8, 1, 2, lambda t: t)
+    u, s, v = sharded_svd(*args, power_iters=1)
+    part, s2, v2 = sharded_svd(*args, power_iters=1, u_rows=(17, 250), u_dtype=torch.bfloat16)
+    assert u.dtype == torch.float64 and part.dtype == torch.bfloat16 and part.shape == (233, 8)
+    assert torch.equal(part, u[17:250].to(torch.bfloat16)) and torch.equal(s, s2)
+    assert torch.equal(v, v2)
 
 
 # -- the refresh and the step -------------------------------------------------------------------

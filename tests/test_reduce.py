@@ -29,6 +29,8 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         with recording() as seen:
             results[n] = backend.all_reduce_mean(_vector(rank, n))
         calls[n] = seen
+    # a column-major matrix (the range finder's thin products) keeps its layout, no copy made
+    results["colmajor"] = backend.all_reduce_mean(_vector(rank, 4099 * 3).view(3, 4099).T)
     torch.save({"results": results, "calls": calls}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -57,3 +59,9 @@ def test_vectors_reduce_bitwise_in_rank_order_with_traffic_of_about_2n(world, tm
         else:  # each rank sends its vector once and its summed chunk once: ~n (1 + 1/W)
             chunk = -(-n // world)
             assert ops == [("all_to_all", chunk * world), ("all_gather", chunk)]
+    want = sum(_vector(r, 4099 * 3).view(3, 4099).T for r in range(1, world)) + 0
+    want = (_vector(0, 4099 * 3).view(3, 4099).T.clone() + want) / world
+    for got in ranks:
+        got = got["results"]["colmajor"]
+        assert got.shape == (4099, 3) and got.T.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-15)

@@ -108,6 +108,11 @@ class DistributedBackend:
         """Mean over ranks in float64, summed in rank order (bitwise the same on every rank)."""
         local = tensor.detach().to(self.device, torch.float64)
         if local.numel() > GATHERED:
+            if local.dim() == 2 and not local.is_contiguous() and local.T.is_contiguous():
+                # column-major (the range finder's thin products): reduce in memory order, so
+                # flattening copies nothing and the mean keeps the layout
+                flat = chunked_mean(local.T.reshape(-1), self.world_size)
+                return flat.view(local.T.shape).T.cpu()
             return chunked_mean(local.reshape(-1), self.world_size).view(local.shape).cpu()
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import scipy.linalg
 import torch
 
 from pipeline.zo.noise import BLOCK, gaussian
@@ -61,19 +62,38 @@ def slice_rows(values: torch.Tensor, shape: tuple[int, int], start: int) -> RowB
 
 
 def _orth(y: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(y).Q
+    """An orthonormal basis ``Q`` of the columns of ``y`` (tall, float64, CPU), by LAPACK's
+    Householder QR. A column-major ``y`` is overwritten by ``Q`` (``geqrf`` then ``orgqr`` in
+    place, through SciPy: ``torch.linalg.qr`` always allocates a second ``(out, k)`` matrix);
+    any other layout is first copied to column-major. Callers must not use ``y`` afterwards."""
+    if not y.T.is_contiguous():
+        y = y.T.contiguous().T
+    q = scipy.linalg.qr(y.numpy(), overwrite_a=True, mode="economic", check_finite=False)[0]
+    return torch.from_numpy(q)
+
+
+def _thin(rows: int, cols: int, device: torch.device | str) -> torch.Tensor:
+    """A zeroed ``(rows, cols)`` float64 matrix laid out column-major, so :func:`_orth` can
+    overwrite it in place."""
+    return torch.zeros(cols, rows, dtype=torch.float64, device=device).T
 
 
 def sharded_svd(rows: RowBlocks, shape: tuple[int, int], start: int, numel: int, rank: int,
                 seed: int, key: int, reduce: Reduce, *, power_iters: int = 1,
-                device: torch.device | str = "cpu"
+                device: torch.device | str = "cpu", u_rows: tuple[int, int] | None = None,
+                u_dtype: torch.dtype = torch.float64
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``U (out, r), S (r,), V (in, r)`` (float64, CPU), ``r = min(rank, out, in)``, of the
-    matrix whose flat elements ``[start, start + numel)`` this rank holds, given as ``rows``
-    (blocks on ``device``).
+    """``U (out, r), S (r,), V (in, r)``, ``r = min(rank, out, in)``, of the matrix whose flat
+    elements ``[start, start + numel)`` this rank holds, given as ``rows`` (blocks on
+    ``device``). ``S`` and ``V`` are float64 on the CPU; ``U`` holds only rows ``u_rows`` (all
+    by default) in ``u_dtype`` on ``device``, formed from ``Q Ũ`` a row chunk at a time.
 
     ``Ω`` is ``gaussian(seed, key)`` over ``in·k`` elements. ``reduce(t)`` must return the sum of
     ``t`` over the ranks (identity in one process).
+
+    Memory: one thin ``(out, k)`` float64 matrix lives at a time when ``reduce`` works in place
+    (one process: ``orth`` overwrites the product, each is freed when used); the float64
+    ``Q Ũ`` is never formed whole, so a caller that keeps ``U`` in 16 bits never holds it in 64.
     """
     out, inner = shape
     k = min(rank + OVERSAMPLE, out, inner)
@@ -84,9 +104,9 @@ def sharded_svd(rows: RowBlocks, shape: tuple[int, int], start: int, numel: int,
 
     def times(x: torch.Tensor) -> torch.Tensor:  # G x, x (in, k) -> (out, k)
         x = x.to(device)
-        y = torch.zeros(out, x.shape[1], dtype=torch.float64, device=device)
+        y = _thin(out, x.shape[1], device)
         for a, b in blocks:
-            torch.mm(rows(a, b), x, out=y[a:b])
+            y[a:b] = torch.mm(rows(a, b), x)
         return reduce(y).to("cpu", torch.float64)
 
     def times_t(q: torch.Tensor) -> torch.Tensor:  # Gᵀ q, q (out, k) -> (in, k)
@@ -99,10 +119,22 @@ def sharded_svd(rows: RowBlocks, shape: tuple[int, int], start: int, numel: int,
     omega = gaussian(seed, key, 0, inner * k).view(inner, k).double()
     y = times(omega)
     del omega
-    for _ in range(power_iters):
-        y = times(_orth(times_t(_orth(y))))
+    for _ in range(power_iters):  # y <- G orth(Gᵀ orth(y)), each thin matrix freed when used
+        q = _orth(y)
+        del y
+        w = _orth(times_t(q))
+        del q
+        y = times(w)
+        del w
     q = _orth(y)
     del y
     b = times_t(q).T  # Qᵀ G, (k, in)
     ub, s, vh = torch.linalg.svd(b, full_matrices=False)
-    return q @ ub[:, :r], s[:r].clone(), vh[:r].T.contiguous()
+    ub = ub[:, :r].contiguous()
+    lo, hi = u_rows or (0, out)
+    u = torch.empty(hi - lo, r, dtype=u_dtype, device=device)
+    chunk = max(1, BLOCK // k)
+    for a in range(lo, hi, chunk):  # U = Q Ũ, rows [lo, hi), a chunk at a time
+        b_ = min(a + chunk, hi)
+        u[a - lo : b_ - lo] = (q[a:b_] @ ub).to(device, u_dtype)
+    return u, s[:r].clone(), vh[:r].T.contiguous()

@@ -56,7 +56,8 @@ factors, the same in the perturbation and the update (rounding the factors moves
 by about 2⁻⁸ relative in bf16, and ⟨S̃, Uᵀ Δ V⟩ = ξ√δ‖S̃‖ holds to that precision). A
 refresh drops the old factors before fitting the new ones. During a refresh, one block of ``Ĝ``
 (about ``BLOCK`` rows' worth) and the range finder's thin ``(out or in)·(r+10)`` float64
-products of one layer. The price: each of the range finder's ``2 + 2·power_iters`` passes
+products of one layer: one ``(out, k)`` matrix at a time in one process (QR in place, the sum
+over ranks in place, ``U``'s rows formed chunk by chunk in their storage dtype). The price: each of the range finder's ``2 + 2·power_iters`` passes
 regenerates the ``q`` probes' noise over the rank's slice (``q·(2 + 2·power_iters)`` dense
 regenerations per refresh instead of ``q``).
 
@@ -227,15 +228,15 @@ class PGAP:
             if not is_matrix(shard):
                 continue
             device = shard.local.device
+            lo, hi = needed_rows(shard.shape, shard.start, shard.numel)
+            dtype = factor_dtype(shard)
             u, s, v = sharded_svd(self._rows(shard, seeds, grads), shard.shape, shard.start,
                                   shard.numel, self.cfg.pgap_rank, seeds[0],
                                   name_key(shard.name + "::pgap.omega"), reduce,
-                                  power_iters=self.cfg.pgap_power_iters, device=device)
-            lo, hi = needed_rows(shard.shape, shard.start, shard.numel)
-            dtype = factor_dtype(shard)
-            factors[shard.name] = (u[lo:hi].to(device, dtype), s, v.to(device, dtype))
+                                  power_iters=self.cfg.pgap_power_iters, device=device,
+                                  u_rows=(lo, hi), u_dtype=dtype)
+            factors[shard.name] = (u, s, v.to(device, dtype))
             row0[shard.name] = lo
-            del u
         self.factors, self.row0 = factors, row0
 
     def probe_seeds(self, run_seed: int, step: int) -> list[int]:
@@ -252,7 +253,8 @@ class PGAP:
             return None
         grads = [(losses[2 * j] - losses[2 * j + 1]) / (2 * eps) for j in range(self.q)]
         world = backend.world_size
-        self.fit(seeds, grads, lambda t: backend.all_reduce_mean(t) * world)
+        # the sum in place: a copy of the thin (out, k) product would double the fit's peak
+        self.fit(seeds, grads, lambda t: backend.all_reduce_mean(t).mul_(world))
         release_free_memory()  # the fit's blocks and thin products are freed
         self.refreshed_at = ctx.step
         return grads
