@@ -115,8 +115,9 @@ class RowFailed(RuntimeError):
 def _measure(args, mode: str, backend: str, dtype: str, extra: list[str]) -> int:
     nproc = 1 if backend == "single" else args.nproc
     threads = 2 if nproc == 1 else 1
-    overrides = [*args.overrides, f"parallel.backend={backend}", f"model.dtype={dtype}",
-                 f"train.threads={threads}", "tracking.enabled=false", *extra]
+    # the method's recipe section first, so a command-line override (method.pgap_rank=16) wins
+    overrides = [*extra, *args.overrides, f"parallel.backend={backend}", f"model.dtype={dtype}",
+                 f"train.threads={threads}", "tracking.enabled=false"]
     cmd = [__file__, "--child", mode, "--steps", str(args.steps), args.job, *overrides]
     if nproc > 1:
         cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd]
