@@ -177,7 +177,9 @@ def _pgap_state(cfg, params: list[Param], backend: str, world: int) -> tuple[int
     (:func:`~pipeline.zo.methods.pgap.needed_rows`, the largest over the ranks), ``S`` (float64)
     and the step's core ``Z`` (fp32, r·r); ``U`` and ``V`` in the storage dtype without masters,
     fp32 with them. Transient, for the largest matrix: the range finder's float64 thin products
-    (two ``out·k``, one ``in·k``, ``k = r + 10``) and one block of ``Ĝ``."""
+    (``k = r + 10``: one ``out·k`` in one process, whose QR and rank sum work in place; two on
+    sharded backends, the rank's product and the reduced one; one ``in·k``) and one block of
+    ``Ĝ``."""
     from pipeline.parallel import wants_master
     from pipeline.zo.methods.pgap import needed_rows
     from pipeline.zo.noise import BLOCK
@@ -197,7 +199,8 @@ def _pgap_state(cfg, params: list[Param], backend: str, world: int) -> tuple[int
                                           for a in starts))
         total += fb * r * (inner + rows) + 8 * r + 4 * r * r
         block = min(max(1, BLOCK // inner), out) * inner  # rows of Ĝ formed at a time
-        refresh = max(refresh, 8 * (k * (2 * out + inner) + block))
+        thin = 1 if backend == "single" else 2
+        refresh = max(refresh, 8 * (k * (thin * out + inner) + block))
     return total, refresh
 
 
