@@ -57,9 +57,10 @@ by about 2⁻⁸ relative in bf16, and ⟨S̃, Uᵀ Δ V⟩ = ξ√δ‖S̃‖ h
 refresh drops the old factors before fitting the new ones. During a refresh, one block of ``Ĝ``
 (about ``BLOCK`` rows' worth) and the range finder's thin ``(out or in)·(r+10)`` float64
 products of one layer: one ``(out, k)`` matrix at a time in one process (QR in place, the sum
-over ranks in place, ``U``'s rows formed chunk by chunk in their storage dtype). The price: each of the range finder's ``2 + 2·power_iters`` passes
-regenerates the ``q`` probes' noise over the rank's slice (``q·(2 + 2·power_iters)`` dense
-regenerations per refresh instead of ``q``).
+over ranks in place, ``U``'s rows formed chunk by chunk in their storage dtype). The price:
+each of the range finder's ``2 + 2·power_iters`` passes regenerates the ``q`` probes' noise
+over the rank's slice (``q·(2 + 2·power_iters)`` dense regenerations per refresh instead of
+``q``).
 
 State and checkpoints. :meth:`state_dict` holds the step of the last refresh and every weight's
 ``S, V`` (CPU tensors; identical on all ranks, so the checkpoint's rank-0 ``method.pt`` carries
