@@ -186,6 +186,7 @@ def _pgap_state(cfg, params: list[Param], backend: str, world: int) -> tuple[int
     from pipeline.zo.range_finder import OVERSAMPLE
 
     fb = 4 if wants_master(cfg) else DTYPE_BYTES[cfg.model.dtype]
+    thin = 1 if backend == "single" else 2  # out·k products alive at once during a refresh
     total, refresh = 0, 0
     for p in params:
         if not p.trainable or len(p.shape) != 2:
@@ -199,7 +200,6 @@ def _pgap_state(cfg, params: list[Param], backend: str, world: int) -> tuple[int
                                           for a in starts))
         total += fb * r * (inner + rows) + 8 * r + 4 * r * r
         block = min(max(1, BLOCK // inner), out) * inner  # rows of Ĝ formed at a time
-        thin = 1 if backend == "single" else 2
         refresh = max(refresh, 8 * (k * (thin * out + inner) + block))
     return total, refresh
 

@@ -135,6 +135,6 @@ def sharded_svd(rows: RowBlocks, shape: tuple[int, int], start: int, numel: int,
     u = torch.empty(hi - lo, r, dtype=u_dtype, device=device)
     chunk = max(1, BLOCK // k)
     for a in range(lo, hi, chunk):  # U = Q Ũ, rows [lo, hi), a chunk at a time
-        b_ = min(a + chunk, hi)
-        u[a - lo : b_ - lo] = (q[a:b_] @ ub).to(device, u_dtype)
+        end = min(a + chunk, hi)
+        u[a - lo : end - lo] = (q[a:end] @ ub).to(device, u_dtype)
     return u, s[:r].clone(), vh[:r].T.contiguous()
