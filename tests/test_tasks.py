@@ -73,17 +73,20 @@ def test_padded_batches_score_like_single_examples(tiny_model, tiny_batch):
                                        rtol=1e-4, atol=1e-5)
 
 
-def test_foobar_task_relabels_the_same_rotten_tomatoes_reviews():
+def test_foobar_and_itwas_tasks_relabel_the_same_rotten_tomatoes_reviews():
     from pipeline.config import DataConfig
     from pipeline.data.loading import load_examples
 
     sizes = dict(n_train=20, n_val=10, n_test=10)
     plain = load_examples(DataConfig(task="rotten_tomatoes", **sizes))
     foobar = load_examples(DataConfig(task="rotten_tomatoes_foobar", **sizes))
+    itwas = load_examples(DataConfig(task="rotten_tomatoes_itwas", **sizes))
     for split in ("train", "validation", "test"):
-        a, b = plain[split], foobar[split]
-        assert [e.label for e in a] == [e.label for e in b]
-        assert [e.prompt.replace("\nSentiment:", "") for e in a] == \
-               [e.prompt.replace("\nLabel:", "") for e in b]
+        a, b, c = plain[split], foobar[split], itwas[split]
+        assert [e.label for e in a] == [e.label for e in b] == [e.label for e in c]
+        texts = [e.prompt.removeprefix("Review: ").removesuffix("\nSentiment:") for e in a]
+        assert [e.prompt.removeprefix("Review: ").removesuffix("\nLabel:") for e in b] == texts
+        assert [e.prompt.removesuffix(" It was") for e in c] == [t.strip() for t in texts]
         assert all(e.candidates == (" foo", " bar") for e in b)
+        assert all(e.candidates == (" terrible", " great") for e in c)
     assert {e.label for e in foobar["train"]} == {0, 1}

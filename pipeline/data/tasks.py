@@ -8,7 +8,9 @@ per-token log-likelihood.
 
 Templates follow the MeZO-protocol table in ``shared/papers/METHODS.md``. ``rotten_tomatoes``
 (and ``rotten_tomatoes_foobar``, the same reviews labelled `` foo``/`` bar``: label words with no
-prior, so zero-shot is near chance) and ``multiemo`` (four-way sentiment of review sentences,
+prior, so zero-shot is near chance; ``rotten_tomatoes_itwas``, the same reviews in MeZO's SST-2
+prompt ``<review> It was`` -> `` terrible``/`` great``, on which a small model starts badly
+calibrated) and ``multiemo`` (four-way sentiment of review sentences,
 from BIG-bench) are the offline tasks built from packaged data; the others load from the
 Hugging Face hub (where a user has access) or from local files (``data.data_dir``).
 """
@@ -77,6 +79,15 @@ TASKS: dict[str, Task] = {
             "rotten_tomatoes_foobar",
             lambda r: f"Review: {r['text']}\nLabel:",
             _fixed(" foo", " bar"),
+            _label,
+            rotten_tomatoes=True,
+        ),
+        Task(
+            # the same reviews in MeZO's SST-2 prompt (the sst2 task below): the words carry the
+            # sentiment, but a small model's zero-shot answers lean hard towards one of them
+            "rotten_tomatoes_itwas",
+            lambda r: f"{r['text'].strip()} It was",
+            _fixed(" terrible", " great"),
             _label,
             rotten_tomatoes=True,
         ),
