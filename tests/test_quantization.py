@@ -142,6 +142,11 @@ def test_the_missing_fused_kernel_warning_is_dropped_and_other_bnb_warnings_pass
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "gemm_4bit_forward" not in out.stderr and "other 1" in out.stderr
+    # a LoRA run imports bitsandbytes through peft, without the quantized path
+    code = "import pipeline.models.lora, peft"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "gemm_4bit_forward" not in out.stderr
     from pipeline.models.quantization import FUSED_KERNEL_WARNING, _drop_fused_kernel_warning
 
     def record(msg):

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+# peft imports bitsandbytes, whose import warns about a CPU kernel we never use: filter it first
+import pipeline.models.quantization  # noqa: F401
+
 LORA_INIT_SEED = 0x10_7A
 
 
