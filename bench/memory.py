@@ -79,11 +79,12 @@ def child(mode: str, job: str, overrides: list[str], steps: int) -> None:
                 batch_loss(model, batch.to(device))
     else:
         from pipeline.parallel import build_backend
-        from pipeline.zo.methods import build_method
+        from pipeline.train import build_model
 
-        backend = build_backend(cfg)
+        # training builds as `zopipe train` does (on CPU that pins glibc's mmap threshold);
+        # sharded inference is the backend alone, as a user's would be
+        backend, method = build_model(cfg) if mode == "train" else (build_backend(cfg), None)
         device, rank, world = backend.device, backend.rank, backend.world_size
-        method = build_method(cfg, backend.shards()) if mode == "train" else None
 
         def run(step: int) -> None:
             if method is None:

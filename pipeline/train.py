@@ -12,6 +12,7 @@ from tqdm import tqdm
 from pipeline import checkpoint
 from pipeline.config import JobConfig
 from pipeline.data.task_data import prepare
+from pipeline.heap import pin_mmap_threshold
 from pipeline.models.loading import load_tokenizer
 from pipeline.parallel import build_backend
 from pipeline.run_dir import inspect_run, prepare_run
@@ -28,10 +29,14 @@ def default_run_dir(cfg: JobConfig, root: Path = Path("runs")) -> Path:
 
 
 def build_model(cfg: JobConfig):
-    """Backend (which loads and shards the model) and method, before any step."""
+    """Backend (which loads and shards the model) and method, before any step. On CPU, the
+    loaded process's large allocations are then served from their own mappings
+    (:func:`pipeline.heap.pin_mmap_threshold`), so what a step frees leaves the resident set."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     backend = build_backend(cfg)
+    if backend.device.type == "cpu":
+        pin_mmap_threshold()
     return backend, build_method(cfg, backend.shards())
 
 
