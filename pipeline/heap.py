@@ -11,10 +11,10 @@ resident set stays at the phase's peak for the rest of the run although nothing 
   MiB), after which a step's transients (perturbed weight copies, noise blocks, activations)
   come from the heap and what they free stays resident. Measured on P-GAP (rank 16, fp16, every
   step a refresh: 20 probe forwards and a fit): the training peak fell from 926 to 824 MiB
-  against an inference peak of 805-813 MiB (README, "Training memory against inference"). Pinned
-  after the model is loaded, it did not slow MeZO's steps (fp32, 1 thread, 4 steps: 23.8-25.0 s
-  against 24.1-25.8 s); pinned from the process start (``MALLOC_MMAP_THRESHOLD_``) the load's
-  allocations cost 4 s more system time.
+  against an inference peak of 805-816 MiB (README, "Training memory against inference"). The
+  step time it costs (``bench/pinned_heap.py``, MeZO fp32) measured 0.97x and 1.08x in two runs
+  on a loaded machine; pinned from the process start (``MALLOC_MMAP_THRESHOLD_``) the load's
+  allocations cost 4 s more system time, so it is pinned after loading.
 
 Elsewhere than glibc (or if a function is missing) both do nothing.
 """
