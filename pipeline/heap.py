@@ -6,27 +6,36 @@ resident set stays at the phase's peak for the rest of the run although nothing 
 
 - :func:`release_free_memory`: ``malloc_trim(0)`` returns those pages after such a phase.
 - :func:`pin_mmap_threshold`: from then on every allocation of at least ``MMAP_THRESHOLD`` bytes
-  (tensors, not Python objects) gets its own mapping, returned to the system when freed. glibc
-  starts at 128 KiB and raises its threshold to the size of each freed mapped block (up to 32
-  MiB), after which a step's transients (perturbed weight copies, noise blocks, activations)
-  come from the heap and what they free stays resident. Measured on P-GAP (rank 16, fp16, every
-  step a refresh: 20 probe forwards and a fit): the training peak fell from 926 to 824 MiB
-  against an inference peak of 805-816 MiB (README, "Training memory against inference"). The
-  step time it costs (``bench/pinned_heap.py``, MeZO fp32) measured 0.97x and 1.08x in two runs
-  on a loaded machine; pinned from the process start (``MALLOC_MMAP_THRESHOLD_``) the load's
-  allocations cost 4 s more system time, so it is pinned after loading.
+  gets its own mapping, returned to the system when freed. glibc starts at 128 KiB and raises
+  its threshold to the size of each freed mapped block (up to 32 MiB), after which a step's
+  large transients (a refresh's thin products, activations) come from the heap and what they
+  free stays resident. Measured on P-GAP (rank 16, fp16, every step a refresh: 20 probe forwards
+  and a fit): the training peak fell from 926 to 824-831 MiB against an inference peak of
+  805-816 MiB pinned at 256 KiB (README, "Training memory against inference").
+  The threshold is 8 MiB, above the largest transient a perturbed forward makes per module (the
+  piecewise weight pieces are at most 4 MiB, :mod:`pipeline.parallel.piecewise`): at 256 KiB
+  every perturbed weight copy was a fresh mapping, faulted in afresh each forward (MeZO fp32,
+  ``bench/pinned_heap.py``: 271,610 minor page faults and 0.57 s of system time per step,
+  against 4 and 0.04 s unpinned; 2,212 and 0.01 s at 8 MiB). Pinned from the process start
+  (``MALLOC_MMAP_THRESHOLD_``) the load's allocations cost 4 s more system time, so it is
+  pinned after loading.
 
 Elsewhere than glibc (or if a function is missing) both do nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+from collections.abc import Iterator
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
-MMAP_THRESHOLD = 256 * 1024
+MMAP_THRESHOLD = 8 * 1024 * 1024
+FINE_THRESHOLD = 256 * 1024  # what :func:`mapped_above` is for: a phase of many large transients
+
+_pinned: int | None = None  # the threshold pin_mmap_threshold set in this process
 
 
 @functools.cache
@@ -49,8 +58,29 @@ def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
     """Serve every allocation of ``nbytes`` or more from its own mapping, for the rest of the
     process (glibc's ``mallopt(M_MMAP_THRESHOLD)``, which also stops the dynamic raise); first
     returns what the heap holds free. True where it took effect."""
+    global _pinned
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return False
     release_free_memory()
-    return bool(mallopt(M_MMAP_THRESHOLD, nbytes))
+    if not mallopt(M_MMAP_THRESHOLD, nbytes):
+        return False
+    _pinned = nbytes
+    return True
+
+
+@contextlib.contextmanager
+def mapped_above(nbytes: int = FINE_THRESHOLD) -> Iterator[None]:
+    """Within the block, allocations of ``nbytes`` or more get their own mapping; after it the
+    pinned threshold is back and the heap's free pages are returned. For a phase whose many
+    mid-sized transients would otherwise grow the heap (P-GAP's refresh). In a process that has
+    not pinned a threshold (GPU runs, other C libraries) it only returns the free pages after."""
+    pinned = _pinned
+    if pinned is not None:
+        _libc().mallopt(M_MMAP_THRESHOLD, nbytes)
+    try:
+        yield
+    finally:
+        if pinned is not None:
+            _libc().mallopt(M_MMAP_THRESHOLD, pinned)
+        release_free_memory()

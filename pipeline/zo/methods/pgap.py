@@ -82,7 +82,7 @@ from typing import Any
 
 import torch
 
-from pipeline.heap import release_free_memory
+from pipeline.heap import mapped_above
 from pipeline.zo.directions import Term, f32, z_blocks
 from pipeline.zo.methods.base import StepContext, StepStats
 from pipeline.zo.methods.lozo import is_matrix
@@ -248,15 +248,17 @@ class PGAP:
         finite (the old factors stay and the refresh stays due)."""
         backend, eps = ctx.backend, self.cfg.eps
         seeds = self.probe_seeds(ctx.run_seed, ctx.step)
-        local = self._probe(seeds, lambda ats: backend.losses(ctx.batch, ats))
-        losses = backend.all_reduce_mean(torch.stack(local)).tolist()
-        if not all(math.isfinite(v) for v in losses):
-            return None
-        grads = [(losses[2 * j] - losses[2 * j + 1]) / (2 * eps) for j in range(self.q)]
-        world = backend.world_size
-        # the sum in place: a copy of the thin (out, k) product would double the fit's peak
-        self.fit(seeds, grads, lambda t: backend.all_reduce_mean(t).mul_(world))
-        release_free_memory()  # the fit's blocks and thin products are freed
+        # the probes' and the fit's transients get mappings of their own and leave the resident
+        # set when freed (on CPU; see pipeline.heap)
+        with mapped_above():
+            local = self._probe(seeds, lambda ats: backend.losses(ctx.batch, ats))
+            losses = backend.all_reduce_mean(torch.stack(local)).tolist()
+            if not all(math.isfinite(v) for v in losses):
+                return None
+            grads = [(losses[2 * j] - losses[2 * j + 1]) / (2 * eps) for j in range(self.q)]
+            world = backend.world_size
+            # the sum in place: a copy of the thin (out, k) product would double the fit's peak
+            self.fit(seeds, grads, lambda t: backend.all_reduce_mean(t).mul_(world))
         self.refreshed_at = ctx.step
         return grads
 
