@@ -16,7 +16,9 @@ resident set stays at the phase's peak for the rest of the run although nothing 
   piecewise weight pieces are at most 4 MiB, :mod:`pipeline.parallel.piecewise`): at 256 KiB
   every perturbed weight copy was a fresh mapping, faulted in afresh each forward (MeZO fp32,
   ``bench/pinned_heap.py``: 271,610 minor page faults and 0.57 s of system time per step,
-  against 4 and 0.04 s unpinned; 2,212 and 0.01 s at 8 MiB). Pinned from the process start
+  against 4 and 0.04 s unpinned; 2,212 and 0.01 s at 8 MiB). With 8 MiB alone P-GAP's r = 16
+  peak was 872 against 818 MiB (1.067); its refresh now runs under :func:`mapped_above` (256
+  KiB for that phase): 837 against 815, 1.028. Pinned from the process start
   (``MALLOC_MMAP_THRESHOLD_``) the load's allocations cost 4 s more system time, so it is
   pinned after loading.
 
