@@ -11,20 +11,24 @@ import pytest
 GLIBC = ctypes.util.find_library("c") is not None and hasattr(
     ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2")
 
-# mapped bytes (mallinfo2's hblkhd) around a tensor of 1.5x the pinned threshold, after glibc
-# has raised its dynamic threshold by freeing a mapped block of 3x it (glibc raises it up to 32
-# MiB): without a pinned threshold the tensor comes from the heap, with it from a mapping of its
-# own; a tensor of half the threshold stays in the heap either way (what keeps a step's weight
-# pieces from being faulted in afresh every forward)
-PROBE = """
+# glibc's mallinfo2 in a probe process: hblkhd is the bytes in blocks with a mapping of their own
+MALLINFO = """
 import ctypes, sys, torch
-from pipeline.heap import MMAP_THRESHOLD, pin_mmap_threshold
 
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
                 "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
+"""
+
+# mapped bytes (mallinfo2's hblkhd) around a tensor of 1.5x the pinned threshold, after glibc
+# has raised its dynamic threshold by freeing a mapped block of 3x it (glibc raises it up to 32
+# MiB): without a pinned threshold the tensor comes from the heap, with it from a mapping of its
+# own; a tensor of half the threshold stays in the heap either way (what keeps a step's weight
+# pieces from being faulted in afresh every forward)
+PROBE = MALLINFO + """
+from pipeline.heap import MMAP_THRESHOLD, pin_mmap_threshold
 assert 3 * MMAP_THRESHOLD <= 32 << 20
 big = torch.empty(3 * MMAP_THRESHOLD, dtype=torch.uint8); del big
 pinned = sys.argv[1] == "pin" and pin_mmap_threshold()
@@ -55,15 +59,8 @@ def test_pinned_threshold_maps_large_tensors_and_returns_them_on_free():
 
 # inside mapped_above a tensor of 1 MiB (between the fine and the pinned threshold) gets its own
 # mapping; outside it, with the pinned threshold back, the same tensor comes from the heap
-PHASE = """
-import ctypes, torch
+PHASE = MALLINFO + """
 from pipeline.heap import mapped_above, pin_mmap_threshold
-
-class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = Info
 
 def mapped(n):
     before = libc.mallinfo2().hblkhd
