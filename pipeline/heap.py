@@ -8,21 +8,18 @@ resident set stays at the phase's peak for the rest of the run although nothing 
 - :func:`pin_mmap_threshold`: from then on every allocation of at least ``MMAP_THRESHOLD`` bytes
   gets its own mapping, returned to the system when freed. glibc starts at 128 KiB and raises
   its threshold to the size of each freed mapped block (up to 32 MiB), after which a step's
-  large transients (a refresh's thin products, activations) come from the heap and what they
-  free stays resident. Measured on P-GAP (rank 16, fp16, every step a refresh: 20 probe forwards
-  and a fit): the training peak fell from 926 to 824-831 MiB against an inference peak of
-  805-816 MiB pinned at 256 KiB (README, "Training memory against inference").
-  The threshold is 8 MiB, above the largest transient a perturbed forward makes per module (the
-  piecewise weight pieces are at most 4 MiB, :mod:`pipeline.parallel.piecewise`): at 256 KiB
-  every perturbed weight copy was a fresh mapping, faulted in afresh each forward (MeZO fp32,
-  ``bench/pinned_heap.py``: 271,610 minor page faults and 0.57 s of system time per step,
-  against 4 and 0.04 s unpinned; 2,212 and 0.01 s at 8 MiB). With 8 MiB alone P-GAP's r = 16
-  peak was 872 against 818 MiB (1.067); its refresh now runs under :func:`mapped_above` (256
-  KiB for that phase): 837 against 815, 1.028. Pinned from the process start
-  (``MALLOC_MMAP_THRESHOLD_``) the load's allocations cost 4 s more system time, so it is
-  pinned after loading.
+  large transients come from the heap and what they free stays resident. 8 MiB is above the
+  largest transient a perturbed forward makes per module (weight pieces are at most 4 MiB,
+  :mod:`pipeline.parallel.piecewise`), so those are reused from the heap rather than faulted in
+  afresh each forward, which a 256 KiB threshold cost every step. Pinned after loading: the
+  load's allocations would pay the same faults.
+- :func:`mapped_above`: a lower threshold for one phase whose many mid-sized transients would
+  grow the heap (P-GAP's refresh).
 
-Elsewhere than glibc (or if a function is missing) both do nothing.
+The figures (page faults and system time per step, P-GAP's peak against inference at each
+threshold) and their commands are in the README, "Training memory against inference".
+
+Elsewhere than glibc (or if a function is missing) these do nothing.
 """
 
 from __future__ import annotations
