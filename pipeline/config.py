@@ -155,6 +155,12 @@ class MethodConfig:
         4, "ZO-Act: training batches whose activations define V (the unperturbed forwards of the "
         "first steps; C trains from the last of them on)", min=1,
     )
+    zoact_micro_batches: int = _opt(
+        0, "ZO-Act: forwards each batch is evaluated in (consecutive examples, loss averaged "
+        "over rows); 0: 2 on a 16-bit or 4-bit base, whose fp32 flow then holds the activation "
+        "bytes of one 16-bit forward, else 1. On fsdp/zero3 each part gathers the weights again",
+        min=0,
+    )
     zoact_calib_iters: int = _opt(30, "ZO-Act: subspace iterations computing V", min=1)
     zoact_max_rows: int = _opt(
         8192, "ZO-Act: activation rows kept per distinct layer input over the whole "

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.data.encoding import Encoded, choice_batch, sequence_batch
+from pipeline.data.encoding import Encoded, choice_batch, example_parts, sequence_batch
 from pipeline.data.sampling import batch_indices
 from pipeline.data.tasks import TASKS, get_task
 
@@ -71,6 +71,43 @@ def test_padded_batches_score_like_single_examples(tiny_model, tiny_batch):
             out = tiny_model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
             torch.testing.assert_close(together[i], out[tiny_batch.candidate_ids[i]],
                                        rtol=1e-4, atol=1e-5)
+
+
+def _scoring_batch(n: int = 5):
+    gen = torch.Generator().manual_seed(3)
+    items = [Encoded(tuple(torch.randint(2, 64, (2 + i % 4,), generator=gen).tolist()),
+                     ((5, 6), (9,), (11, 12, 13)), i % 3) for i in range(n)]
+    return sequence_batch(items, 0, all_candidates=True)
+
+
+@pytest.mark.parametrize("kind", ["choice", "sequence"])
+def test_example_parts_keep_examples_whole_and_score_as_the_whole_batch(kind, tiny_model,
+                                                                         tiny_batch):
+    """Parts of consecutive examples (an example's candidate rows together, its indices
+    renumbered), padded as the whole batch: their scores, stacked, are the whole batch's, and
+    the row-weighted mean of their losses is its loss."""
+    from pipeline.models.objective import batch_loss, candidate_scores
+
+    batch = tiny_batch if kind == "choice" else _scoring_batch()
+    n = batch.labels.shape[0]
+    parts = example_parts(batch, 3)
+    assert [p.labels.shape[0] for p in parts] == [round((i + 1) * n / 3) - round(i * n / 3)
+                                                 for i in range(3)]
+    assert torch.equal(torch.cat([p.labels for p in parts]), batch.labels)
+    assert torch.equal(torch.cat([p.input_ids for p in parts]), batch.input_ids)
+    assert all(p.input_ids.shape[1] == batch.input_ids.shape[1] for p in parts)
+    if kind == "sequence":
+        assert [p.input_ids.shape[0] for p in parts] == [3 * p.labels.shape[0] for p in parts]
+        assert all(p.example.tolist() == sorted(p.example.tolist()) and p.example[0] == 0
+                   for p in parts)
+    with torch.no_grad():
+        whole = candidate_scores(tiny_model, batch)
+        torch.testing.assert_close(torch.cat([candidate_scores(tiny_model, p) for p in parts]),
+                                   whole, rtol=1e-5, atol=1e-6)
+        mean = sum(batch_loss(tiny_model, p) * p.input_ids.shape[0] for p in parts)
+        torch.testing.assert_close(mean / batch.input_ids.shape[0], batch_loss(tiny_model, batch))
+    assert example_parts(batch, 1) == [batch]
+    assert len(example_parts(batch, 2 * n)) == n  # at most one part per example
 
 
 def test_foobar_and_itwas_tasks_relabel_the_same_rotten_tomatoes_reviews():

@@ -285,7 +285,31 @@ def test_calibration_step_on_a_bf16_base_measures_l0_as_the_probes(tiny_model, t
     backend, method = _setup(low, zoact_calib_batches=1, eps=1e-3)
     stats = method.step(StepContext(0, 0, 0.0, tiny_batch, backend))
     assert stats.forwards == 3  # calibration L0, L0 with the adapters, one probe
-    assert stats.loss == backend.loss(tiny_batch).item()  # at C: the adapted model's loss
+    assert stats.loss == method._loss(backend, tiny_batch).item()  # at C: the adapted model's
+
+
+@pytest.mark.parametrize("parts", [0, 1, 3])
+def test_fp32_flow_evaluates_each_batch_in_micro_batches(parts, tiny_model, tiny_batch):
+    """On a 16-bit base each evaluation of the batch runs in ``zoact_micro_batches`` forwards
+    (0: 2), so the fp32 activations take the bytes of a 16-bit forward; the loss is the row-
+    weighted mean of the parts', the whole batch's loss to fp32 rounding."""
+    low = _copy(tiny_model).to(torch.float16)
+    backend, method = _setup(low, zoact_calib_batches=1, eps=1e-3, zoact_micro_batches=parts)
+    calls = []
+    low.register_forward_pre_hook(lambda module, args, kwargs: calls.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    method.step(StepContext(0, 0, 0.0, tiny_batch, backend))
+    calls.clear()
+    stats = method.step(StepContext(1, 0, 0.0, tiny_batch, backend))
+    per_eval = parts or 2
+    n = tiny_batch.labels.shape[0]
+    assert stats.forwards == 2 and len(calls) == 2 * per_eval
+    assert calls[:per_eval] == [round((i + 1) * n / per_eval) - round(i * n / per_eval)
+                                for i in range(per_eval)]
+    whole = backend.loss(tiny_batch).item()  # one forward of the whole batch, same C
+    assert stats.loss == pytest.approx(whole, rel=1e-5)
+    if per_eval == 1:
+        assert stats.loss == whole
 
 
 # -- 2 ranks ----------------------------------------------------------------------------------

@@ -100,6 +100,28 @@ def _left_pad(rows: list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, .
     return ids, mask, positions
 
 
+def example_parts(batch: ChoiceBatch | SequenceBatch, parts: int) -> list:
+    """``batch`` cut into at most ``parts`` batches of consecutive examples (an example's rows
+    stay together), each keeping the whole batch's padded width, so every row is computed as
+    in the whole batch. A batch of fewer examples than ``parts`` gives one part per example."""
+    n = batch.labels.shape[0]
+    bounds = [round(i * n / parts) for i in range(min(parts, n) + 1)] if n else [0, 0]
+    if len(bounds) <= 2:
+        return [batch]
+    if isinstance(batch, ChoiceBatch):
+        return [ChoiceBatch(*(t[a:b] for t in (batch.input_ids, batch.attention_mask,
+                                                batch.position_ids, batch.candidate_ids,
+                                                batch.labels)))
+                for a, b in zip(bounds, bounds[1:])]
+    rows = torch.searchsorted(batch.example, torch.tensor(bounds)).tolist()
+    return [SequenceBatch(
+        *(t[r0:r1] for t in (batch.input_ids, batch.attention_mask, batch.position_ids,
+                             batch.target_ids, batch.target_mask)),
+        batch.example[r0:r1] - a, batch.candidate[r0:r1], batch.labels[a:b],
+        batch.num_candidates)
+        for a, b, r0, r1 in zip(bounds, bounds[1:], rows, rows[1:])]
+
+
 def choice_batch(items: list[Encoded], pad_id: int) -> ChoiceBatch:
     ids, mask, pos = _left_pad([e.prompt for e in items], pad_id)
     cands = torch.tensor([[c[0] for c in e.candidates] for e in items], dtype=torch.long)

@@ -46,8 +46,13 @@ Per step (after calibration), seeds ``s_i = step_seed(run seed, step, i)``, ``μ
 4. ``C ← Adam(C, ĝ)``: ``torch.optim.Adam`` (``foreach=False``) on the fp32 CPU coefficient
    tensors with ``betas = (adam_beta1, adam_beta2)``, ``eps = adam_eps``, ``lr = ctx.lr``.
 
-``q + 1`` forwards per step. ``method.two_sided``, ``n_directions`` and ``weight_decay`` are not
-used. A non-finite loss skips the update (the coefficients are already restored).
+``q + 1`` evaluations of the batch per step. Under the fp32 flow each evaluation runs in
+``zoact_micro_batches`` forwards of consecutive examples (default 2; the loss is their row-
+weighted mean), so the fp32 activations take the bytes of one 16-bit forward (design, not the
+paper's: the flow is ours); on fsdp/zero3 each forward gathers the weights again. The step that
+finishes the calibration returns the heap it grew (``malloc_trim``). ``method.two_sided``,
+``n_directions`` and ``weight_decay`` are not used. A non-finite loss skips the update (the
+coefficients are already restored).
 
 Communication per step: one all-gather of ``q + 1`` loss scalars (float64 mean in rank order).
 Every rank then holds the same scalars and seeds, so ``ĝ`` and Adam's update are computed
@@ -74,6 +79,7 @@ from typing import Any
 
 import torch
 
+from pipeline.data.encoding import example_parts
 from pipeline.heap import release_free_memory
 from pipeline.models.adapters import CoefficientAdapter
 from pipeline.models.fp32_flow import Fp32Flow
@@ -192,27 +198,41 @@ class ZOAct:
             else:
                 adapter.set(self.noise(seed, name).mul_(mu).add_(self.C[name]))
 
+    def _loss(self, backend, batch) -> torch.Tensor:
+        """This rank's loss of ``batch`` at the adapters' current ``C``: under the fp32 flow
+        in ``zoact_micro_batches`` forwards (0: 2 there, else 1), their losses averaged over
+        rows in float64 (the whole batch's loss is the mean over its rows)."""
+        parts = self.cfg.zoact_micro_batches or (2 if self._flow is not None else 1)
+        pieces = example_parts(batch, parts)
+        if len(pieces) == 1:
+            return backend.loss(batch)
+        total = sum(backend.loss(p).double() * p.input_ids.shape[0] for p in pieces)
+        return (total / batch.input_ids.shape[0]).float()
+
     def step(self, ctx: StepContext) -> StepStats:
         backend = ctx.backend
         recomputed = 0
-        if not self.calibrated:
+        calibrating = not self.calibrated
+        if calibrating:
             l0 = self._observe(backend, ctx.batch, ctx.run_seed)
             if self._seen < self.cfg.zoact_calib_batches:
                 loss = backend.all_reduce_mean(l0.reshape(1)).item()
                 return StepStats(loss, [], 1, [], extra={"calibrating": True})
             self._finish(backend, ctx.run_seed)
             if self._flow is not None:  # L(C = 0) again, in the fp32 arithmetic of the probes
-                l0 = backend.loss(ctx.batch)
+                l0 = self._loss(backend, ctx.batch)
                 recomputed = 1
         else:
             self._attach(backend.model)
-            l0 = backend.loss(ctx.batch)
+            l0 = self._loss(backend, ctx.batch)
         seeds = [step_seed(ctx.run_seed, ctx.step, i) for i in range(self.cfg.zoact_q)]
         local = [l0]
         for seed in seeds:
             self._set(seed)
-            local.append(backend.loss(ctx.batch))
+            local.append(self._loss(backend, ctx.batch))
         self._set(None)
+        if calibrating:  # the heap the calibration and the first fp32 forwards grew, returned
+            release_free_memory()
         losses = backend.all_reduce_mean(torch.stack(local)).tolist()
         forwards = len(local) + recomputed
         if not all(math.isfinite(v) for v in losses):
