@@ -26,7 +26,8 @@ the real ones. The memory figures are arithmetic over those shapes, per rank, fo
   ``b·T·(6h + 3f)`` values for micro-batch ``b`` (training or evaluation, the larger), ``T =
   data.max_length``, hidden ``h`` and MLP width ``f``, plus the fp32 logits of the kept position
   (the loss reads one position per row for single-token candidates). ZO-Act on a 16-bit or
-  4-bit base keeps them in fp32 (4 bytes) and upcasts one weight piece of at most
+  4-bit base keeps them in fp32 (4 bytes), for a training micro-batch cut in
+  ``method.zoact_micro_batches`` parts (0: 2), and upcasts one weight piece of at most
   :data:`~pipeline.models.fp32_flow.CHUNK_BYTES` at a time (:mod:`pipeline.models.fp32_flow`).
 - **runtime**: CUDA context, NCCL buffers and allocator slack, an assumed 1.5 GiB.
 
@@ -313,12 +314,18 @@ def make_plan(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
     act_bytes = 2 if quant else dtype_bytes
     hidden, mlp, vocab = _widths(hf_cfg, model)
-    micro = max(-(-cfg.train.batch_size // world), -(-cfg.train.eval_batch_size // world))
+    train_micro = -(-cfg.train.batch_size // world)
+    eval_micro = -(-cfg.train.eval_batch_size // world)
+    micro = max(train_micro, eval_micro)
     tokens = cfg.data.max_length
-    # ZO-Act on a 16-bit or 4-bit base runs its forwards in fp32 from the first adapted layer on
+    # ZO-Act on a 16-bit or 4-bit base runs its forwards in fp32 from the first adapted layer
+    # on, a training batch in zoact_micro_batches forwards (0: 2); evaluation in one
     flow = cfg.method.name == "zoact" and (quant is not None or dtype_bytes < 4)
-    activations = (micro * tokens * (6 * hidden + 3 * mlp) * (4 if flow else act_bytes)
-                   + 2 * micro * vocab * 4 + (FLOW_CHUNK_BYTES if flow else 0))
+    rows = micro
+    if flow:
+        rows = max(-(-train_micro // (cfg.method.zoact_micro_batches or 2)), eval_micro)
+    activations = (rows * tokens * (6 * hidden + 3 * mlp) * (4 if flow else act_bytes)
+                   + 2 * rows * vocab * 4 + (FLOW_CHUNK_BYTES if flow else 0))
 
     _, coefficients = _method_state(cfg, model, params, "single", 1, act_bytes)
     plan = Plan(

@@ -236,6 +236,23 @@ def test_plan_of_a_zoact_job_whose_model_weights_are_all_frozen():
     assert "12.853 B total" in result.output and "M trainable (ZO-Act coefficients" in result.output
 
 
+def test_plan_counts_zoact_fp32_activations_for_its_training_micro_batches():
+    """On a 16-bit base ZO-Act's forwards are fp32 from the first adapted layer on, a training
+    batch in ``zoact_micro_batches`` parts: the plan's activations follow the larger of a part
+    and an evaluation batch (4 bytes a value), and do not move for an fp32 base."""
+    def acts(*overrides):
+        cfg = load_config(RECIPES / "opt-13b-zoact-nf4.yaml",
+                          ["train.batch_size=16", "train.eval_batch_size=2", *overrides])
+        return make_plan(cfg).memory["single"]["activations"]
+
+    halves, whole = acts(), acts("method.zoact_micro_batches=1")
+    assert acts("method.zoact_micro_batches=2") == halves
+    assert 1.9 < whole / halves < 2.0  # the logits and one upcast weight piece stay
+    assert acts("method.zoact_micro_batches=8") == acts("method.zoact_micro_batches=16")  # eval's 2
+    fp32 = ["model.quantization=none", "model.dtype=fp32"]
+    assert acts(*fp32) == acts(*fp32, "method.zoact_micro_batches=1")
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["model.config_for_planning=jobs/models/nope"], 1, "model.config_for_planning="),
     (["model.config_for_planning=null"], 1, "model.config_for_planning is not set"),
