@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.data.encoding import Encoded, choice_batch, example_parts, sequence_batch
+from pipeline.data.encoding import Encoded, choice_batch, sequence_batch
 from pipeline.data.sampling import batch_indices
 from pipeline.data.tasks import TASKS, get_task
 
@@ -81,7 +81,7 @@ def _scoring_batch(n: int = 5):
 
 
 @pytest.mark.parametrize("kind", ["choice", "sequence"])
-def test_example_parts_keep_examples_whole_and_score_as_the_whole_batch(kind, tiny_model,
+def test_batch_parts_keep_examples_whole_and_score_as_the_whole_batch(kind, tiny_model,
                                                                          tiny_batch):
     """Parts of consecutive examples (an example's candidate rows together, its indices
     renumbered), padded as the whole batch: their scores, stacked, are the whole batch's, and
@@ -90,7 +90,7 @@ def test_example_parts_keep_examples_whole_and_score_as_the_whole_batch(kind, ti
 
     batch = tiny_batch if kind == "choice" else _scoring_batch()
     n = batch.labels.shape[0]
-    parts = example_parts(batch, 3)
+    parts = batch.parts(3)
     assert [p.labels.shape[0] for p in parts] == [round((i + 1) * n / 3) - round(i * n / 3)
                                                  for i in range(3)]
     assert torch.equal(torch.cat([p.labels for p in parts]), batch.labels)
@@ -106,8 +106,8 @@ def test_example_parts_keep_examples_whole_and_score_as_the_whole_batch(kind, ti
                                    whole, rtol=1e-5, atol=1e-6)
         mean = sum(batch_loss(tiny_model, p) * p.input_ids.shape[0] for p in parts)
         torch.testing.assert_close(mean / batch.input_ids.shape[0], batch_loss(tiny_model, batch))
-    assert example_parts(batch, 1) == [batch]
-    assert len(example_parts(batch, 2 * n)) == n  # at most one part per example
+    assert batch.parts(1) == [batch]
+    assert len(batch.parts(2 * n)) == n  # at most one part per example
 
 
 def test_foobar_and_itwas_tasks_relabel_the_same_rotten_tomatoes_reviews():

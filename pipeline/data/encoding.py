@@ -56,6 +56,17 @@ def single_token(encoded: list[Encoded]) -> bool:
 
 
 class _Movable:
+    def parts(self, n: int) -> list:
+        """The batch cut into at most ``n`` batches of consecutive examples (an example's rows
+        stay together), each keeping the whole batch's padded width, so every row is computed
+        as in the whole batch. Fewer examples than ``n`` give one part per example."""
+        count = self.labels.shape[0]
+        if min(n, count) <= 1:
+            return [self]
+        n = min(n, count)
+        bounds = [round(i * count / n) for i in range(n + 1)]
+        return [self._examples(a, b) for a, b in zip(bounds, bounds[1:])]
+
     def to(self, device: torch.device | str):
         return type(self)(
             **{
@@ -75,6 +86,10 @@ class ChoiceBatch(_Movable):
     candidate_ids: torch.Tensor  # (B, C) the candidates' token ids
     labels: torch.Tensor  # (B,)
 
+    def _examples(self, a: int, b: int) -> ChoiceBatch:
+        return ChoiceBatch(self.input_ids[a:b], self.attention_mask[a:b],
+                           self.position_ids[a:b], self.candidate_ids[a:b], self.labels[a:b])
+
 
 @dataclass
 class SequenceBatch(_Movable):
@@ -88,6 +103,14 @@ class SequenceBatch(_Movable):
     labels: torch.Tensor  # (B,)
     num_candidates: int
 
+    def _examples(self, a: int, b: int) -> SequenceBatch:
+        r0, r1 = torch.searchsorted(self.example, torch.tensor([a, b])).tolist()
+        rows = slice(r0, r1)
+        return SequenceBatch(
+            self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows],
+            self.target_ids[rows], self.target_mask[rows], self.example[rows] - a,
+            self.candidate[rows], self.labels[a:b], self.num_candidates)
+
 
 def _left_pad(rows: list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, ...]:
     width = max(len(r) for r in rows)
@@ -98,28 +121,6 @@ def _left_pad(rows: list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, .
         mask[i, width - len(r) :] = 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     return ids, mask, positions
-
-
-def example_parts(batch: ChoiceBatch | SequenceBatch, parts: int) -> list:
-    """``batch`` cut into at most ``parts`` batches of consecutive examples (an example's rows
-    stay together), each keeping the whole batch's padded width, so every row is computed as
-    in the whole batch. A batch of fewer examples than ``parts`` gives one part per example."""
-    n = batch.labels.shape[0]
-    bounds = [round(i * n / parts) for i in range(min(parts, n) + 1)] if n else [0, 0]
-    if len(bounds) <= 2:
-        return [batch]
-    if isinstance(batch, ChoiceBatch):
-        return [ChoiceBatch(*(t[a:b] for t in (batch.input_ids, batch.attention_mask,
-                                                batch.position_ids, batch.candidate_ids,
-                                                batch.labels)))
-                for a, b in zip(bounds, bounds[1:])]
-    rows = torch.searchsorted(batch.example, torch.tensor(bounds)).tolist()
-    return [SequenceBatch(
-        *(t[r0:r1] for t in (batch.input_ids, batch.attention_mask, batch.position_ids,
-                             batch.target_ids, batch.target_mask)),
-        batch.example[r0:r1] - a, batch.candidate[r0:r1], batch.labels[a:b],
-        batch.num_candidates)
-        for a, b, r0, r1 in zip(bounds, bounds[1:], rows, rows[1:])]
 
 
 def choice_batch(items: list[Encoded], pad_id: int) -> ChoiceBatch:

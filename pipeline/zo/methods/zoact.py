@@ -79,7 +79,6 @@ from typing import Any
 
 import torch
 
-from pipeline.data.encoding import example_parts
 from pipeline.heap import release_free_memory
 from pipeline.models.adapters import CoefficientAdapter
 from pipeline.models.fp32_flow import Fp32Flow
@@ -203,7 +202,7 @@ class ZOAct:
         in ``zoact_micro_batches`` forwards (0: 2 there, else 1), their losses averaged over
         rows in float64 (the whole batch's loss is the mean over its rows)."""
         parts = self.cfg.zoact_micro_batches or (2 if self._flow is not None else 1)
-        pieces = example_parts(batch, parts)
+        pieces = batch.parts(parts)
         if len(pieces) == 1:
             return backend.loss(batch)
         total = sum(backend.loss(p).double() * p.input_ids.shape[0] for p in pieces)
