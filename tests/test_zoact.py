@@ -319,12 +319,14 @@ def _run(out: Path, nproc: int, backend: str, overrides: list[str], steps: int =
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
-def test_two_ranks_hold_identical_v_and_c_and_track_one_process(backend, tiny_model_dir,
+@pytest.mark.parametrize("backend, micro", [("fsdp", 0), ("zero3", 0), ("fsdp", 2)])
+def test_two_ranks_hold_identical_v_and_c_and_track_one_process(backend, micro, tiny_model_dir,
                                                                 tmp_path):
+    """(fsdp, 2): each evaluation in 2 forwards per rank, as on a 16-bit base (forced here on
+    the fp32 tiny model), the sharded gathers running twice in step on both ranks."""
     small = [f"model.name_or_path={tiny_model_dir}", "data.n_train=64", "data.n_val=16",
              "data.n_test=32", "train.batch_size=8", "method.lr=1e-2",
-             "method.zoact_calib_batches=2"]
+             "method.zoact_calib_batches=2", f"method.zoact_micro_batches={micro}"]
     (one,) = _run(tmp_path / "single", 1, "single", small)
     r0, r1 = _run(tmp_path / backend, 2, backend, small)
     assert r0["V"] and set(r0["V"]) == set(r1["V"]) == set(one["V"])
