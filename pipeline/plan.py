@@ -63,6 +63,7 @@ from pipeline.models.selection import select_trainable
 from pipeline.models.sharded_load import CHUNK_BYTES
 from pipeline.parallel import wants_master
 from pipeline.zo.activations import per_rank_cap
+from pipeline.zo.methods.zoact import micro_batches
 
 GiB = 1024**3
 RUNTIME_BYTES = int(1.5 * GiB)
@@ -323,7 +324,7 @@ def make_plan(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None
     flow = cfg.method.name == "zoact" and (quant is not None or dtype_bytes < 4)
     rows = micro
     if flow:
-        rows = max(-(-train_micro // (cfg.method.zoact_micro_batches or 2)), eval_micro)
+        rows = max(-(-train_micro // micro_batches(cfg.method, flow=True)), eval_micro)
     activations = (rows * tokens * (6 * hidden + 3 * mlp) * (4 if flow else act_bytes)
                    + 2 * rows * vocab * 4 + (FLOW_CHUNK_BYTES if flow else 0))
 

@@ -61,9 +61,9 @@ class _Movable:
         stay together), each keeping the whole batch's padded width, so every row is computed
         as in the whole batch. Fewer examples than ``n`` give one part per example."""
         count = self.labels.shape[0]
-        if min(n, count) <= 1:
-            return [self]
         n = min(n, count)
+        if n <= 1:
+            return [self]
         bounds = [round(i * count / n) for i in range(n + 1)]
         return [self._examples(a, b) for a, b in zip(bounds, bounds[1:])]
 

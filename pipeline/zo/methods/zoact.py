@@ -94,6 +94,12 @@ OVERSAMPLE = 4
 
 
 
+def micro_batches(cfg: Any, flow: bool) -> int:
+    """Forwards per evaluation of a training batch: ``cfg.zoact_micro_batches``, or for 0, 2
+    under the fp32 flow (a 16-bit or 4-bit base) and 1 otherwise."""
+    return cfg.zoact_micro_batches or (2 if flow else 1)
+
+
 class ZOAct:
     def __init__(self, cfg: Any, shards: list[ParamShard]):
         self.cfg = cfg
@@ -201,8 +207,7 @@ class ZOAct:
         """This rank's loss of ``batch`` at the adapters' current ``C``: under the fp32 flow
         in ``zoact_micro_batches`` forwards (0: 2 there, else 1), their losses averaged over
         rows in float64 (the whole batch's loss is the mean over its rows)."""
-        parts = self.cfg.zoact_micro_batches or (2 if self._flow is not None else 1)
-        pieces = batch.parts(parts)
+        pieces = batch.parts(micro_batches(self.cfg, self._flow is not None))
         if len(pieces) == 1:
             return backend.loss(batch)
         total = sum(backend.loss(p).double() * p.input_ids.shape[0] for p in pieces)
