@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.zo.seeds import mix
+from pipeline.splitmix import mix
 
 _ORDER_STREAM = 0xDA7A
 
